@@ -1,0 +1,108 @@
+"""Entity keys: which row a subscription or notification is about.
+
+A key is an entity name (``"items"``) plus an id (``"100"``). Entity names
+double as bus topic names, so they follow NSQ's topic rules; ids are free
+text of bounded length. Integer ids are normalised to strings so that
+``EntityKey("items", 100) == EntityKey("items", "100")``, whichever way a
+client or a view spelled it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .exceptions import InvalidKeyError
+
+#: Entity names: 1 to 64 of ``A-Z a-z 0-9 _ . -`` (valid NSQ topic names).
+ENTITY_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+#: The longest id accepted, in characters.
+MAX_ID_LENGTH = 256
+
+IdLike = str | int
+
+
+def validate_entity(entity: object) -> str:
+    """Return ``entity`` if it is a valid entity name, else raise :class:`InvalidKeyError`."""
+    if not isinstance(entity, str) or ENTITY_PATTERN.fullmatch(entity) is None:
+        raise InvalidKeyError(
+            f"invalid entity name {entity!r}: use 1 to 64 characters from "
+            "A-Z, a-z, 0-9, '_', '.' and '-'"
+        )
+    return entity
+
+
+def normalise_id(id: object) -> str:
+    """Return ``id`` as a string if it is a valid id, else raise :class:`InvalidKeyError`.
+
+    Accepts a non-empty string of at most :data:`MAX_ID_LENGTH` characters
+    without control characters, or an integer (not a bool).
+    """
+    if isinstance(id, bool) or not isinstance(id, (str, int)):
+        raise InvalidKeyError(
+            f"invalid id {id!r}: an id is a string or an integer"
+        )
+    text = str(id)
+    if not text or len(text) > MAX_ID_LENGTH:
+        raise InvalidKeyError(
+            f"invalid id: an id has 1 to {MAX_ID_LENGTH} characters, got {len(text)}"
+        )
+    if not text.isprintable():
+        raise InvalidKeyError("invalid id: an id may not contain control characters")
+    return text
+
+
+class EntityKey:
+    """An immutable, hashable (entity, id) pair naming one row.
+
+    >>> EntityKey("items", 100)
+    EntityKey('items', '100')
+
+    Raises :class:`InvalidKeyError` (a ``ValueError``) when the entity name
+    or the id breaks the rules above.
+    """
+
+    __slots__ = ("_hash", "entity", "id")
+
+    entity: str
+    id: str
+    _hash: int
+
+    def __init__(self, entity: str, id: IdLike) -> None:
+        object.__setattr__(self, "entity", validate_entity(entity))
+        object.__setattr__(self, "id", normalise_id(id))
+        object.__setattr__(self, "_hash", hash((self.entity, self.id)))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("EntityKey is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("EntityKey is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EntityKey):
+            return NotImplemented
+        return self.entity == other.entity and self.id == other.id
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"EntityKey({self.entity!r}, {self.id!r})"
+
+    def __str__(self) -> str:
+        return f"{self.entity}/{self.id}"
+
+    def __reduce__(self) -> tuple[type[EntityKey], tuple[str, str]]:
+        return (EntityKey, (self.entity, self.id))
+
+
+def as_key(key_or_entity: EntityKey | str, id: IdLike | None = None) -> EntityKey:
+    """Build a key from either an :class:`EntityKey` or an ``(entity, id)`` pair."""
+    if isinstance(key_or_entity, EntityKey):
+        if id is not None:
+            raise TypeError("pass either an EntityKey or an entity name and an id, not both")
+        return key_or_entity
+    if id is None:
+        raise TypeError(f"an id is needed with the entity name {key_or_entity!r}")
+    return EntityKey(key_or_entity, id)

@@ -1,0 +1,186 @@
+"""The wire protocol: pure encoding and decoding, no sockets.
+
+Three kinds of payload cross the wire:
+
+* client frames (browser to server), decoded by :func:`decode_client_frame`
+  into :class:`Subscribe`, :class:`Unsubscribe`, :class:`SetSecret` or
+  :class:`PassThrough`;
+* server frames (server to browser), built by the ``encode_*`` functions;
+* bus bodies (server to server), ``{"entity":"items","id":"100"}``, the same
+  bytes the Go entity-sync publishes, built by :func:`encode_bus_body` and
+  read by :func:`decode_bus_body`.
+
+Bad input raises :class:`~entitysync_sync.exceptions.ProtocolError` carrying
+one of the error codes below.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .exceptions import InvalidKeyError, ProtocolError
+from .keys import EntityKey
+
+# Error codes sent in ``{"action":"error"}`` frames.
+BAD_JSON = "bad_json"
+BAD_MESSAGE = "bad_message"
+UNKNOWN_ACTION = "unknown_action"
+UNKNOWN_ENTITY = "unknown_entity"
+FORBIDDEN = "forbidden"
+TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+FETCH_FAILED = "fetch_failed"
+INTERNAL_ERROR = "internal_error"
+
+# Close codes the server uses.
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+
+Ref = str | int | float | None
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    """``{"action":"subscribe","body":{"entity":..,"id":..}}``"""
+
+    key: EntityKey
+    ref: Ref = None
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    """``{"action":"unsubscribe","body":{"entity":..,"id":..}}``"""
+
+    key: EntityKey
+    ref: Ref = None
+
+
+@dataclass(frozen=True)
+class SetSecret:
+    """``{"action":"secret","body":"..."}``; ``null`` clears the secret."""
+
+    secret: str | None
+    ref: Ref = None
+
+    def __repr__(self) -> str:  # never show the secret, even in a debugger or a log
+        return f"SetSecret(secret=<hidden>, ref={self.ref!r})"
+
+
+@dataclass(frozen=True)
+class PassThrough:
+    """A JSON object with no ``"action"``: handed to ``@es.on_message`` as sent."""
+
+    raw: str
+
+
+ClientMessage = Subscribe | Unsubscribe | SetSecret | PassThrough
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _read_ref(obj: dict[str, Any]) -> Ref:
+    ref = obj.get("ref")
+    if ref is None or (isinstance(ref, (str, int, float)) and not isinstance(ref, bool)):
+        return ref
+    raise ProtocolError(BAD_MESSAGE, '"ref" must be a string or a number')
+
+
+def _read_key(body: object, ref: Ref) -> EntityKey:
+    if not isinstance(body, dict):
+        raise ProtocolError(
+            BAD_MESSAGE, '"body" must be an object like {"entity":"items","id":"100"}', ref
+        )
+    entity, id = body.get("entity"), body.get("id")
+    if not isinstance(entity, str) or isinstance(id, bool) or not isinstance(id, (str, int)):
+        raise ProtocolError(
+            BAD_MESSAGE, '"body" needs a string "entity" and a string or integer "id"', ref
+        )
+    try:
+        return EntityKey(entity, id)
+    except InvalidKeyError as exc:
+        raise ProtocolError(BAD_MESSAGE, str(exc), ref) from None
+
+
+def decode_client_frame(data: str | bytes) -> ClientMessage:
+    """Decode one websocket frame sent by a client.
+
+    Raises :class:`ProtocolError` with ``bad_json``, ``bad_message`` or
+    ``unknown_action``.
+    """
+    if not isinstance(data, str):
+        raise ProtocolError(BAD_MESSAGE, "binary frames are not supported: send JSON text frames")
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise ProtocolError(BAD_JSON, "the frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_MESSAGE, "a frame must be a JSON object")
+    ref = _read_ref(obj)
+    if "action" not in obj:
+        return PassThrough(data)
+    action = obj["action"]
+    if action == "subscribe":
+        return Subscribe(_read_key(obj.get("body"), ref), ref)
+    if action == "unsubscribe":
+        return Unsubscribe(_read_key(obj.get("body"), ref), ref)
+    if action == "secret":
+        secret = obj.get("body")
+        if secret is not None and not isinstance(secret, str):
+            raise ProtocolError(BAD_MESSAGE, '"body" of a secret frame must be a string or null', ref)
+        return SetSecret(secret, ref)
+    if not isinstance(action, str):
+        raise ProtocolError(BAD_MESSAGE, '"action" must be a string', ref)
+    raise ProtocolError(
+        UNKNOWN_ACTION,
+        f"unknown action {action[:64]!r}: use subscribe, unsubscribe or secret",
+        ref,
+    )
+
+
+def encode_key(key: EntityKey) -> str:
+    """``{"entity":"items","id":"100"}`` as compact JSON text."""
+    return _dumps({"entity": key.entity, "id": key.id})
+
+
+def encode_push(key: EntityKey, row_json: str) -> str:
+    """A push frame around one row that is already JSON text."""
+    return f'{{"action":"push","key":{encode_key(key)},"body":{row_json}}}'
+
+
+def encode_gone(key: EntityKey) -> str:
+    """The frame saying that ``key`` does not exist (its fetch returned ``None``)."""
+    return f'{{"action":"gone","key":{encode_key(key)}}}'
+
+
+def encode_ack(ref: Ref) -> str:
+    """The frame acknowledging the client frame that carried ``ref``."""
+    return _dumps({"action": "ack", "ref": ref})
+
+
+def encode_error(code: str, message: str, ref: Ref = None, key: EntityKey | None = None) -> str:
+    """An error frame; ``key`` is added for errors about one subscription."""
+    frame: dict[str, Any] = {"action": "error", "ref": ref, "error": {"code": code, "message": message}}
+    if key is not None:
+        frame["key"] = {"entity": key.entity, "id": key.id}
+    return _dumps(frame)
+
+
+def encode_bus_body(key: EntityKey) -> bytes:
+    """The bus message body for ``key``, byte-compatible with the Go entity-sync."""
+    return encode_key(key).encode()
+
+
+def decode_bus_body(body: bytes | str) -> EntityKey:
+    """Read a bus message body; extra fields are ignored.
+
+    Raises :class:`ProtocolError` (``bad_message``) for anything that is not
+    a JSON object with a valid entity and id.
+    """
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(BAD_MESSAGE, "bus body is not valid JSON") from None
+    return _read_key(obj, None)

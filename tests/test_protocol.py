@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from entitysync_sync import EntityKey, ProtocolError
+from entitysync_sync import protocol as p
+
+
+def test_the_three_seed_frames_decode() -> None:
+    assert p.decode_client_frame('{"action":"subscribe","body":{"entity":"items","id":"100"}}') == \
+        p.Subscribe(EntityKey("items", "100"))
+    assert p.decode_client_frame('{"action":"unsubscribe","body":{"entity":"items","id":"100"}}') == \
+        p.Unsubscribe(EntityKey("items", "100"))
+    assert p.decode_client_frame('{"action":"secret","body":"my-secret"}') == p.SetSecret("my-secret")
+
+
+def test_ref_and_integer_ids_are_read() -> None:
+    msg = p.decode_client_frame('{"action":"subscribe","body":{"entity":"items","id":7},"ref":"a1"}')
+    assert msg == p.Subscribe(EntityKey("items", "7"), "a1")
+    assert p.decode_client_frame('{"action":"secret","body":null,"ref":3}') == p.SetSecret(None, 3)
+
+
+def test_frames_without_action_pass_through_verbatim() -> None:
+    raw = '{"chat": "hello",  "to": 1}'
+    assert p.decode_client_frame(raw) == p.PassThrough(raw)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code", "ref"),
+    [
+        ("not json", "bad_json", None),
+        ("", "bad_json", None),
+        (b'{"action":"subscribe"}', "bad_message", None),
+        ("[1,2]", "bad_message", None),
+        ('"subscribe"', "bad_message", None),
+        ('{"action":"subscribe","ref":[1]}', "bad_message", None),
+        ('{"action":"subscribe","ref":true}', "bad_message", None),
+        ('{"action":"subscribe","ref":1}', "bad_message", 1),
+        ('{"action":"subscribe","body":"items/1","ref":1}', "bad_message", 1),
+        ('{"action":"subscribe","body":{"entity":"items"},"ref":"r"}', "bad_message", "r"),
+        ('{"action":"subscribe","body":{"entity":"items","id":true}}', "bad_message", None),
+        ('{"action":"subscribe","body":{"entity":"items","id":1.5}}', "bad_message", None),
+        ('{"action":"subscribe","body":{"entity":"bad name","id":"1"}}', "bad_message", None),
+        ('{"action":"unsubscribe","body":{"entity":"items","id":""}}', "bad_message", None),
+        ('{"action":"secret","body":{"token":"x"}}', "bad_message", None),
+        ('{"action":5}', "bad_message", None),
+        ('{"action":"explode","ref":2}', "unknown_action", 2),
+    ],
+)
+def test_bad_frames_raise_protocol_errors_with_codes(frame: str | bytes, code: str, ref: object) -> None:
+    with pytest.raises(ProtocolError) as info:
+        p.decode_client_frame(frame)
+    assert info.value.code == code
+    assert info.value.ref == ref
+    assert info.value.message
+
+
+def test_secret_is_hidden_from_repr() -> None:
+    assert "hunter2" not in repr(p.SetSecret("hunter2"))
+
+
+def test_server_frames_are_valid_json_with_the_documented_shape() -> None:
+    key = EntityKey("items", "100")
+    assert json.loads(p.encode_push(key, '{"a":1}')) == {
+        "action": "push", "key": {"entity": "items", "id": "100"}, "body": {"a": 1}}
+    assert json.loads(p.encode_gone(key)) == {"action": "gone", "key": {"entity": "items", "id": "100"}}
+    assert json.loads(p.encode_ack("r1")) == {"action": "ack", "ref": "r1"}
+    assert json.loads(p.encode_error("forbidden", "no", 3, key)) == {
+        "action": "error", "ref": 3, "error": {"code": "forbidden", "message": "no"},
+        "key": {"entity": "items", "id": "100"}}
+    assert json.loads(p.encode_error("bad_json", "x")) == {
+        "action": "error", "ref": None, "error": {"code": "bad_json", "message": "x"}}
+
+
+def test_push_of_a_key_with_quotes_stays_valid_json() -> None:
+    key = EntityKey("items", 'a"b\\c</script>')
+    assert json.loads(p.encode_push(key, "null"))["key"]["id"] == 'a"b\\c</script>'
+
+
+def test_bus_body_is_byte_compatible_with_the_go_library() -> None:
+    assert p.encode_bus_body(EntityKey("items", 100)) == b'{"entity":"items","id":"100"}'
+    assert p.decode_bus_body(b'{"entity":"items","id":"100"}') == EntityKey("items", "100")
+    assert p.decode_bus_body(b'{"id":"1","entity":"items","extra":true}') == EntityKey("items", "1")
+
+
+@pytest.mark.parametrize("body", [b"", b"\xff\xfe", b"[]", b'{"entity":"items"}', b'{"entity":"a b","id":"1"}'])
+def test_bad_bus_bodies_raise(body: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        p.decode_bus_body(body)
+    assert info.value.code == "bad_message"
