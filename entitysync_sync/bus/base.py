@@ -1,0 +1,98 @@
+"""The bus interface, and the buffering every bus shares.
+
+A bus carries keys from the server where ``notify`` was called to every
+server of the cluster. Each server hands its bus a :class:`BusSink` (the
+hub): the bus calls :meth:`BusSink.deliver` with the keys it receives and
+:meth:`BusSink.resync` whenever it may have missed some, after a
+(re)connection or a buffer overflow, so that every locally subscribed key is
+refreshed and clients converge to the current state.
+
+A bus knows nothing of Flask or websockets.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from typing import Iterable, Protocol, Sequence
+
+from ..keys import EntityKey
+
+
+class BusSink(Protocol):
+    """What a bus delivers to: implemented by the hub."""
+
+    def deliver(self, keys: Sequence[EntityKey]) -> None:
+        """Schedule refreshes of ``keys`` for local subscribers; never blocks on them."""
+
+    def resync(self) -> None:
+        """Refresh every key that has local subscribers."""
+
+
+class Bus(abc.ABC):
+    """A cross-server notification bus.
+
+    Lifecycle: :meth:`start` once, then :meth:`publish` from any thread or
+    greenlet, then :meth:`close`. ``publish`` must return at once: it buffers
+    and never waits on the network.
+    """
+
+    @abc.abstractmethod
+    def start(self, sink: BusSink, entities: Iterable[str]) -> None:
+        """Begin receiving the keys of ``entities`` and delivering them to ``sink``."""
+
+    def add_entity(self, entity: str) -> None:  # noqa: B027 - optional hook
+        """Also receive ``entity``, registered after :meth:`start`."""
+
+    @abc.abstractmethod
+    def publish(self, keys: Sequence[EntityKey]) -> None:
+        """Send ``keys`` to every server of the cluster, this one included."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop receiving and release connections; idempotent."""
+
+
+class KeyBuffer:
+    """A bounded, de-duplicating, thread-safe buffer of keys.
+
+    Keys are kept in arrival order and a key already waiting is not added
+    twice: a notification only asks for a refresh, so duplicates carry no
+    information. When ``capacity`` distinct keys are waiting, further keys
+    are dropped and :attr:`overflowed` is set; whoever drains the buffer
+    must then resync instead of trusting what it holds.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("a KeyBuffer needs a capacity of at least 1")
+        self.capacity = capacity
+        self._keys: dict[EntityKey, None] = {}
+        self._overflowed = False
+        self._lock = threading.Lock()
+        #: Keys dropped because the buffer was full, since it was made.
+        self.dropped = 0
+
+    def add(self, keys: Iterable[EntityKey]) -> None:
+        """Append ``keys``, dropping (and counting) those that do not fit."""
+        with self._lock:
+            for key in keys:
+                if key in self._keys:
+                    continue
+                if len(self._keys) >= self.capacity:
+                    self._overflowed = True
+                    self.dropped += 1
+                    continue
+                self._keys[key] = None
+
+    def take(self) -> tuple[list[EntityKey], bool]:
+        """Remove and return everything waiting, and whether anything was dropped."""
+        with self._lock:
+            keys = list(self._keys)
+            overflowed = self._overflowed
+            self._keys.clear()
+            self._overflowed = False
+            return keys, overflowed
+
+    def __len__(self) -> int:
+        return len(self._keys)
