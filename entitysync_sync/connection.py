@@ -1,0 +1,341 @@
+"""One websocket client: its secret, its subscriptions and its outgoing queue.
+
+Data flows one way. The websocket handler feeds each client frame to
+:meth:`Connection.receive`; the hub calls :meth:`Connection.request_refresh`
+when a subscribed key changes. Both only queue work: a single background
+worker per busy connection fetches pending keys with this connection's
+secret and writes the resulting frames, so a slow fetch or a slow socket
+holds up this client alone.
+
+Notifications of a key that arrive while its refresh is pending coalesce into
+one refresh; a notification that arrives during a fetch queues another, so
+the last frame a client gets for a key always reflects state read after the
+last notification. The worker fetches only once the previous frames are
+written, so a slow reader receives fewer, fresher frames instead of a
+growing backlog.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import _runtime
+from . import protocol as p
+from .exceptions import ProtocolError
+from .keys import EntityKey
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+log = logging.getLogger("entitysync_sync")
+
+
+class Transport(Protocol):
+    """The socket side of a connection (see :mod:`entitysync_sync.transport`)."""
+
+    def send_text(self, text: str) -> None:
+        """Write one text frame completely, or raise ``OSError``/``ConnectionError``."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close without waiting on the peer; wakes anything blocked on the socket."""
+
+
+class Handlers(Protocol):
+    """The application side of a connection (implemented by the extension)."""
+
+    def has_entity(self, entity: str) -> bool:
+        """Whether ``entity`` is registered."""
+
+    def authorize(self, key: EntityKey, secret: Any) -> bool:
+        """Whether a client holding ``secret`` may subscribe to ``key``."""
+
+    def fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
+        """The rows of ``key`` as JSON texts, or ``None`` when it does not exist."""
+
+    def pass_through(self, secret: Any, raw: str) -> bool:
+        """Hand a frame without an action to the app; False when no handler is set."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """The per-connection settings a :class:`Connection` needs."""
+
+    max_subscriptions: int = 1000
+    outbox_limit: int = 1 << 20
+    push_on_subscribe: bool = True
+    envelope: bool = True
+
+
+class Connection:
+    """The server's state for one websocket client.
+
+    ``secret`` is the connection's initial secret (from ``@es.identify``); a
+    ``secret`` frame replaces it. The secret is handed to fetch and
+    authorize and is never logged or shown in ``repr``.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        hub: Hub,
+        handlers: Handlers,
+        limits: ConnectionLimits,
+        secret: Any = None,
+    ) -> None:
+        self._transport = transport
+        self._hub = hub
+        self._handlers = handlers
+        self._limits = limits
+        self._secret = secret
+        self._generation = 0
+        self._lock = threading.Lock()
+        self._subscriptions: set[EntityKey] = set()
+        self._pending: dict[EntityKey, None] = {}
+        self._outbox: deque[str] = deque()
+        self._outbox_size = 0
+        self._working = False
+        #: Set once the connection is closed; it then does nothing more.
+        self.closed = False
+        #: The close code and reason the server chose, if it closed first.
+        self.close_code: int | None = None
+        self.close_reason = ""
+        #: ``time.monotonic()`` when the frame being written was started, else None.
+        self.send_started: float | None = None
+        hub.add(self)
+
+    def __repr__(self) -> str:
+        return f"<Connection subscriptions={len(self._subscriptions)} closed={self.closed}>"
+
+    @property
+    def subscriptions(self) -> frozenset[EntityKey]:
+        """The keys this client is subscribed to."""
+        with self._lock:
+            return frozenset(self._subscriptions)
+
+    # -- frames from the client ------------------------------------------------
+
+    def receive(self, data: str | bytes) -> None:
+        """Handle one frame from the client; never raises for bad input."""
+        if self.closed:
+            return
+        try:
+            msg = p.decode_client_frame(data)
+        except ProtocolError as exc:
+            self._error(exc.code, exc.message, exc.ref)
+            return
+        if isinstance(msg, p.Subscribe):
+            self._subscribe(msg.key, msg.ref)
+        elif isinstance(msg, p.Unsubscribe):
+            self._unsubscribe(msg.key, msg.ref)
+        elif isinstance(msg, p.SetSecret):
+            self._set_secret(msg.secret, msg.ref)
+        else:
+            self._pass_through(msg.raw)
+
+    def _subscribe(self, key: EntityKey, ref: p.Ref) -> None:
+        if not self._handlers.has_entity(key.entity):
+            self._error(p.UNKNOWN_ENTITY, f"no entity {key.entity!r} is registered", ref, key)
+            return
+        with self._lock:
+            known = key in self._subscriptions
+            full = len(self._subscriptions) >= self._limits.max_subscriptions
+            secret = self._secret
+        if not known and full:
+            self._error(
+                p.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {self._limits.max_subscriptions} subscriptions per connection",
+                ref,
+                key,
+            )
+            return
+        if not self._authorized(key, secret, ref):
+            return
+        with self._lock:
+            if self.closed:
+                return
+            self._subscriptions.add(key)
+        self._hub.subscribe(self, key)
+        self._ack(ref)
+        if self._limits.push_on_subscribe:
+            self.request_refresh(key)
+
+    def _authorized(self, key: EntityKey, secret: Any, ref: p.Ref) -> bool:
+        try:
+            allowed = self._handlers.authorize(key, secret)
+        except Exception:
+            log.exception("authorize raised for %s", key)
+            self._error(p.INTERNAL_ERROR, "authorization failed on the server", ref, key)
+            return False
+        if not allowed:
+            self._error(p.FORBIDDEN, f"not allowed to subscribe to {key}", ref, key)
+        return bool(allowed)
+
+    def _unsubscribe(self, key: EntityKey, ref: p.Ref) -> None:
+        with self._lock:
+            self._subscriptions.discard(key)
+            self._pending.pop(key, None)
+        self._hub.unsubscribe(self, key)
+        self._ack(ref)
+
+    def _set_secret(self, secret: str | None, ref: p.Ref) -> None:
+        with self._lock:
+            self._secret = secret
+            self._generation += 1
+            keys = list(self._subscriptions)
+        # What a client may see depends on its secret: check its subscriptions again.
+        kept = []
+        for key in keys:
+            if self._authorized(key, secret, None):
+                kept.append(key)
+            else:
+                self._unsubscribe(key, None)
+        self._ack(ref)
+        if self._limits.push_on_subscribe:
+            for key in kept:
+                self.request_refresh(key)
+
+    def _pass_through(self, raw: str) -> None:
+        with self._lock:
+            secret = self._secret
+        try:
+            handled = self._handlers.pass_through(secret, raw)
+        except Exception:
+            log.exception("on_message raised")
+            self._error(p.INTERNAL_ERROR, "on_message failed on the server")
+            return
+        if not handled:
+            self._error(
+                p.BAD_MESSAGE,
+                'the frame has no "action" and the server has no on_message handler',
+            )
+
+    # -- frames to the client --------------------------------------------------
+
+    def _ack(self, ref: p.Ref) -> None:
+        if ref is not None and self._limits.envelope:
+            self._enqueue(p.encode_ack(ref))
+
+    def _error(self, code: str, message: str, ref: p.Ref = None, key: EntityKey | None = None) -> None:
+        log.debug("client error %s: %s", code, message)
+        if self._limits.envelope:
+            self._enqueue(p.encode_error(code, message, ref, key))
+
+    def _enqueue(self, frame: str) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            overflow = bool(self._outbox) and self._outbox_size + len(frame) > self._limits.outbox_limit
+            start = False
+            if not overflow:
+                self._outbox.append(frame)
+                self._outbox_size += len(frame)
+                start, self._working = not self._working, True
+        if overflow:
+            self.close(p.CLOSE_POLICY_VIOLATION, "outbox limit exceeded")
+        elif start:
+            _runtime.spawn(self._work, name="entitysync-connection")
+
+    def request_refresh(self, key: EntityKey) -> None:
+        """Schedule a fetch and push of ``key``; coalesces with one already pending."""
+        with self._lock:
+            if self.closed or key not in self._subscriptions:
+                return
+            self._pending[key] = None
+            if self._working:
+                return
+            self._working = True
+        _runtime.spawn(self._work, name="entitysync-connection")
+
+    def _work(self) -> None:
+        while True:
+            frame = None
+            with self._lock:
+                if self.closed:
+                    self._working = False
+                    return
+                if self._outbox:
+                    frame = self._outbox[0]
+                elif self._pending:
+                    key = next(iter(self._pending))
+                    del self._pending[key]
+                    secret, generation = self._secret, self._generation
+                else:
+                    self._working = False
+                    return
+            if frame is not None:
+                if not self._write(frame):
+                    return
+            else:
+                self._refresh(key, secret, generation)
+
+    def _write(self, frame: str) -> bool:
+        self.send_started = time.monotonic()
+        try:
+            self._transport.send_text(frame)
+        except Exception as exc:
+            self.send_started = None
+            log.debug("write failed, closing: %r", exc)
+            self.close(p.CLOSE_GOING_AWAY, "write failed")
+            with self._lock:
+                self._working = False
+            return False
+        self.send_started = None
+        with self._lock:
+            if self._outbox:
+                self._outbox.popleft()
+                self._outbox_size -= len(frame)
+        return True
+
+    def _refresh(self, key: EntityKey, secret: Any, generation: int) -> None:
+        try:
+            rows = self._handlers.fetch(key, secret)
+        except Exception:
+            log.exception("fetch of %s failed", key)
+            frames = [p.encode_error(p.FETCH_FAILED, f"fetching {key} failed", None, key)]
+            if not self._limits.envelope:
+                frames = []
+        else:
+            if not self._limits.envelope:
+                frames = rows or []
+            elif rows is None:
+                frames = [p.encode_gone(key)]
+            else:
+                frames = [p.encode_push(key, row) for row in rows]
+        with self._lock:
+            if self.closed or key not in self._subscriptions or generation != self._generation:
+                return  # unsubscribed, or fetched with a secret that is no longer current
+            self._outbox.extend(frames)
+            self._outbox_size += sum(map(len, frames))
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection and drop its subscriptions; idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.close_code, self.close_reason = code, reason
+            subscriptions = list(self._subscriptions)
+            self._subscriptions.clear()
+            self._pending.clear()
+            self._outbox.clear()
+            self._outbox_size = 0
+        self._hub.remove(self, subscriptions)
+        if code not in (1000, p.CLOSE_GOING_AWAY):
+            log.warning("closing a connection with %d: %s", code, reason)
+        try:
+            self._transport.close(code, reason)
+        except Exception:  # pragma: no cover - the transport swallows its own errors
+            log.debug("transport close failed", exc_info=True)
+
+    def check_send_timeout(self, now: float, timeout: float) -> None:
+        """Close the connection if one frame has been writing for over ``timeout`` seconds."""
+        started = self.send_started
+        if started is not None and now - started > timeout:
+            self.close(p.CLOSE_POLICY_VIOLATION, "send timed out")
