@@ -1,0 +1,327 @@
+"""The Flask extension: registration, configuration, the websocket route, notify."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, TypeVar
+
+from flask import Blueprint, Flask, current_app, has_app_context, request
+from flask_sock import Sock
+from simple_websocket import ConnectionClosed
+
+from . import _runtime
+from . import protocol as p
+from .bus import Bus, bus_from_url
+from .connection import Connection, ConnectionLimits
+from .exceptions import ConfigError, UnknownEntityError
+from .hub import Hub
+from .keys import EntityKey, IdLike, as_key, validate_entity
+from .settings import Settings, load_settings
+from .transport import WebSocketTransport
+
+log = logging.getLogger("entitysync_sync")
+
+F = TypeVar("F", bound=Callable[..., Any])
+FetchFn = Callable[[EntityKey, Any], Any]
+KeyLike = EntityKey | tuple[str, IdLike]
+
+EXTENSION_NAME = "entitysync"
+
+
+@dataclass(frozen=True)
+class _Entity:
+    name: str
+    fetch: FetchFn
+
+
+class EntitySync:
+    """Keeps websocket clients in sync with the rows they subscribe to.
+
+    ::
+
+        es = EntitySync(app)
+
+        @es.entity("items")
+        def fetch_item(key, secret):
+            return db.session.get(Item, key.id)
+
+        es.notify("items", 100)   # after changing item 100, from any view
+
+    Configuration keys, read by :meth:`init_app` (defaults in brackets):
+
+    ``ENTITYSYNC_PATH`` [``"/ws/entity-sync/"``]
+        URL of the websocket endpoint.
+    ``ENTITYSYNC_BUS_URL`` [``"memory://"``]
+        The bus between servers. ``memory://`` reaches only this process.
+    ``ENTITYSYNC_PUSH_ON_SUBSCRIBE`` [``True``]
+        Push the current state as soon as a client subscribes.
+    ``ENTITYSYNC_ENVELOPE`` [``True``]
+        Wrap rows in ``push``/``gone`` frames and send acks and errors;
+        ``False`` sends each row's JSON alone, as the Go entity-sync did.
+    ``ENTITYSYNC_MAX_SUBSCRIPTIONS`` [``1000``]
+        Subscriptions one connection may hold.
+    ``ENTITYSYNC_MAX_MESSAGE_BYTES`` [``4096``]
+        Largest client frame; a larger one closes the connection with 1009.
+    ``ENTITYSYNC_OUTBOX_LIMIT`` [``1048576``]
+        Characters of frames one connection may have waiting to be written;
+        past it the client is too slow and is closed with 1008.
+    ``ENTITYSYNC_SEND_TIMEOUT`` [``10.0``]
+        Seconds one frame may take to write before the client is closed with 1008.
+    ``ENTITYSYNC_COMPRESSION`` [``False``]
+        Accept permessage-deflate when a client offers it.
+    ``ENTITYSYNC_PUBLISH_BUFFER`` [``10000``]
+        Distinct keys the bus may hold undelivered; past it, it resyncs.
+    """
+
+    def __init__(self, app: Flask | None = None, *, bus: Bus | None = None) -> None:
+        self._entities: dict[str, _Entity] = {}
+        self._authorize: Callable[[EntityKey, Any], bool] | None = None
+        self._identify: Callable[[], Any] | None = None
+        self._on_message: Callable[[Any, str], None] | None = None
+        self._bus = bus
+        self._states: weakref.WeakKeyDictionary[Flask, _State] = weakref.WeakKeyDictionary()
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Register the extension and its websocket route on ``app``."""
+        if EXTENSION_NAME in app.extensions:
+            raise ConfigError(
+                "EntitySync is already registered on this app; call init_app once per app"
+            )
+        if self._bus is not None and self._states:
+            raise ConfigError("a bus instance passed to EntitySync serves one app only")
+        settings = load_settings(app.config)
+        bus = self._bus or bus_from_url(settings.bus_url, buffer_size=settings.publish_buffer)
+        state = _State(self, app, settings, bus)
+        blueprint = Blueprint("entitysync", __name__)
+        if not settings.compression:
+            blueprint.before_request(_refuse_compression)
+        Sock().route(settings.path, bp=blueprint)(self._serve)
+        app.register_blueprint(blueprint)
+        app.extensions[EXTENSION_NAME] = state
+        self._states[app] = state
+
+    # -- registration ----------------------------------------------------------
+
+    def entity(self, name: str) -> Callable[[F], F]:
+        """Register ``fetch(key, secret)`` for the entity ``name``.
+
+        ``fetch`` returns one row, a list or tuple of rows, or an iterator
+        (a generator) of rows; or ``None`` when the row does not exist, which
+        sends ``gone``. Rows are encoded with ``app.json``; a ``str`` or
+        ``bytes`` row is JSON already and is sent as it is. It runs in a fresh
+        application context for each call.
+        """
+        validate_entity(name)
+
+        def decorator(fetch: F) -> F:
+            if name in self._entities:
+                raise ConfigError(f"entity {name!r} is already registered")
+            self._entities[name] = _Entity(name, fetch)
+            for state in list(self._states.values()):
+                state.entity_added(name)
+            return fetch
+
+        return decorator
+
+    def authorize(self, fn: F) -> F:
+        """Register ``fn(key, secret) -> bool``, checked on every subscribe
+        and again for every subscription when the secret changes."""
+        self._authorize = fn
+        return fn
+
+    def identify(self, fn: F) -> F:
+        """Register ``fn() -> secret``, run in the websocket upgrade request's
+        context to give each connection its initial secret."""
+        self._identify = fn
+        return fn
+
+    def on_message(self, fn: F) -> F:
+        """Register ``fn(secret, raw)`` for client frames without an ``"action"``."""
+        self._on_message = fn
+        return fn
+
+    @property
+    def entities(self) -> frozenset[str]:
+        """Names of the registered entities."""
+        return frozenset(self._entities)
+
+    # -- notify ----------------------------------------------------------------
+
+    def notify(self, key_or_entity: EntityKey | str, id: IdLike | None = None) -> None:
+        """Tell every server that ``key`` changed; returns at once.
+
+        Accepts ``notify(EntityKey("items", "1"))`` or ``notify("items", 1)``.
+        Callable from views, CLI commands and background threads.
+        """
+        self.notify_many([as_key(key_or_entity, id)])
+
+    def notify_many(self, keys: Iterable[KeyLike]) -> None:
+        """:meth:`notify` for several keys (``EntityKey`` or ``(entity, id)`` pairs)."""
+        batch = [key if isinstance(key, EntityKey) else EntityKey(*key) for key in keys]
+        for key in batch:
+            if key.entity not in self._entities:
+                raise UnknownEntityError(
+                    f"no entity {key.entity!r} is registered; use @es.entity({key.entity!r})"
+                )
+        if batch:
+            state = self._state()
+            state.ensure_started()
+            state.bus.publish(batch)
+
+    # -- state -----------------------------------------------------------------
+
+    def _state(self) -> _State:
+        if has_app_context():
+            state = current_app.extensions.get(EXTENSION_NAME)
+            if isinstance(state, _State) and state.ext is self:
+                return state
+        states = list(self._states.values())
+        if len(states) == 1:
+            return states[0]
+        if not states:
+            raise ConfigError(
+                "EntitySync is not registered on any app: did you forget to call init_app(app)?"
+            )
+        raise ConfigError(
+            "EntitySync is registered on several apps: call this inside an app context"
+        )
+
+    def hub(self, app: Flask | None = None) -> Hub:
+        """The subscription map of this process (for stats and tests)."""
+        return (self._states[app] if app is not None else self._state()).hub
+
+    def close(self, app: Flask | None = None) -> None:
+        """Close every local connection with 1001 and stop the bus."""
+        (self._states[app] if app is not None else self._state()).close()
+
+    # -- the websocket route ---------------------------------------------------
+
+    def _serve(self, ws: Any) -> None:
+        state = self._states[current_app._get_current_object()]  # type: ignore[attr-defined]
+        state.ensure_started()
+        transport = WebSocketTransport(ws, state.settings.max_message_bytes)
+        secret = None
+        if self._identify is not None:
+            try:
+                secret = self._identify()
+            except Exception:
+                log.exception("identify raised; closing the connection")
+                transport.close(p.CLOSE_INTERNAL_ERROR, "identify failed")
+                return
+        conn = Connection(transport, state.hub, state, state.limits, secret)
+        limit = state.settings.max_message_bytes
+        # With real threads simple-websocket can wake its reader before marking
+        # itself closed; a periodic timeout lets this loop notice. Greenlets cannot race.
+        poll = None if _runtime.gevent_active() else 1.0
+        try:
+            while not conn.closed:
+                data = ws.receive(timeout=poll)
+                if data is None:
+                    if not ws.connected:
+                        break
+                elif len(data if isinstance(data, bytes) else data.encode()) > limit:
+                    # Normally refused by simple-websocket before it is buffered.
+                    conn.close(p.CLOSE_MESSAGE_TOO_BIG, "message too big")
+                else:
+                    conn.receive(data)
+        except ConnectionClosed:
+            pass
+        finally:
+            conn.close()
+
+
+def _refuse_compression() -> None:
+    # Without an offer in the handshake, simple-websocket cannot negotiate permessage-deflate.
+    request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
+
+
+class _State:
+    """One app's hub, bus and settings; also the connections' ``Handlers``."""
+
+    def __init__(self, ext: EntitySync, app: Flask, settings: Settings, bus: Bus) -> None:
+        self.ext = ext
+        self.app = app
+        self.settings = settings
+        self.bus = bus
+        self.hub = Hub()
+        self.limits = ConnectionLimits(
+            max_subscriptions=settings.max_subscriptions,
+            outbox_limit=settings.outbox_limit,
+            push_on_subscribe=settings.push_on_subscribe,
+            envelope=settings.envelope,
+        )
+        self._lock = threading.Lock()
+        self._started = False
+        self._closed = False
+
+    def ensure_started(self) -> None:
+        """Start the bus and the sweeper on first use, in the serving process."""
+        if self._started:
+            return
+        with self._lock:
+            if self._started:
+                return
+            if self._closed:
+                raise ConfigError("this EntitySync was closed")
+            self.bus.start(self.hub, list(self.ext._entities))
+            _runtime.spawn(self._sweep, name="entitysync-sweeper")
+            self._started = True
+
+    def entity_added(self, name: str) -> None:
+        if self._started:
+            self.bus.add_entity(name)
+
+    def _sweep(self) -> None:
+        interval = min(1.0, self.settings.send_timeout / 4)
+        while not self._closed:
+            time.sleep(interval)
+            self.hub.sweep(self.settings.send_timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        self.hub.close_all(p.CLOSE_GOING_AWAY, "server shutting down")
+        self.bus.close()
+
+    # -- Handlers --------------------------------------------------------------
+
+    def has_entity(self, entity: str) -> bool:
+        return entity in self.ext._entities
+
+    def authorize(self, key: EntityKey, secret: Any) -> bool:
+        fn = self.ext._authorize
+        if fn is None:
+            return True
+        with self.app.app_context():
+            return bool(fn(key, secret))
+
+    def pass_through(self, secret: Any, raw: str) -> bool:
+        fn = self.ext._on_message
+        if fn is None:
+            return False
+        with self.app.app_context():
+            fn(secret, raw)
+        return True
+
+    def fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
+        entity = self.ext._entities[key.entity]
+        with self.app.app_context():
+            result = entity.fetch(key, secret)
+            if result is None:
+                return None
+            if isinstance(result, (list, tuple, Iterator)):
+                return [self._encode(row) for row in result]
+            return [self._encode(result)]
+
+    def _encode(self, row: Any) -> str:
+        if isinstance(row, str):
+            return row
+        if isinstance(row, (bytes, bytearray)):
+            return bytes(row).decode("utf-8")
+        return self.app.json.dumps(row)

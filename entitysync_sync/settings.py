@@ -1,0 +1,83 @@
+"""The ``ENTITYSYNC_*`` configuration keys, their defaults and their checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, MutableMapping
+
+from .exceptions import ConfigError
+
+#: Every configuration key with its default; documented in the README.
+DEFAULTS: dict[str, Any] = {
+    "ENTITYSYNC_PATH": "/ws/entity-sync/",
+    "ENTITYSYNC_BUS_URL": "memory://",
+    "ENTITYSYNC_PUSH_ON_SUBSCRIBE": True,
+    "ENTITYSYNC_ENVELOPE": True,
+    "ENTITYSYNC_MAX_SUBSCRIPTIONS": 1000,
+    "ENTITYSYNC_MAX_MESSAGE_BYTES": 4096,
+    "ENTITYSYNC_OUTBOX_LIMIT": 1 << 20,
+    "ENTITYSYNC_SEND_TIMEOUT": 10.0,
+    "ENTITYSYNC_COMPRESSION": False,
+    "ENTITYSYNC_PUBLISH_BUFFER": 10_000,
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The checked configuration of one app."""
+
+    path: str
+    bus_url: str
+    push_on_subscribe: bool
+    envelope: bool
+    max_subscriptions: int
+    max_message_bytes: int
+    outbox_limit: int
+    send_timeout: float
+    compression: bool
+    publish_buffer: int
+
+
+def _bool(config: MutableMapping[str, Any], key: str) -> bool:
+    value = config[key]
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be True or False, got {value!r}")
+    return value
+
+
+def _positive_int(config: MutableMapping[str, Any], key: str) -> int:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_number(config: MutableMapping[str, Any], key: str) -> float:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def load_settings(config: MutableMapping[str, Any]) -> Settings:
+    """Fill in defaults with ``config.setdefault`` and check every value."""
+    for key, default in DEFAULTS.items():
+        config.setdefault(key, default)
+    path = config["ENTITYSYNC_PATH"]
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigError(f"ENTITYSYNC_PATH must be a URL path starting with '/', got {path!r}")
+    bus_url = config["ENTITYSYNC_BUS_URL"]
+    if not isinstance(bus_url, str):
+        raise ConfigError("ENTITYSYNC_BUS_URL must be a string such as 'memory://'")
+    return Settings(
+        path=path,
+        bus_url=bus_url,
+        push_on_subscribe=_bool(config, "ENTITYSYNC_PUSH_ON_SUBSCRIBE"),
+        envelope=_bool(config, "ENTITYSYNC_ENVELOPE"),
+        max_subscriptions=_positive_int(config, "ENTITYSYNC_MAX_SUBSCRIPTIONS"),
+        max_message_bytes=_positive_int(config, "ENTITYSYNC_MAX_MESSAGE_BYTES"),
+        outbox_limit=_positive_int(config, "ENTITYSYNC_OUTBOX_LIMIT"),
+        send_timeout=_positive_number(config, "ENTITYSYNC_SEND_TIMEOUT"),
+        compression=_bool(config, "ENTITYSYNC_COMPRESSION"),
+        publish_buffer=_positive_int(config, "ENTITYSYNC_PUBLISH_BUFFER"),
+    )
