@@ -1,0 +1,166 @@
+"""The app the integration tests run under gunicorn -k gevent and flask run.
+
+Its configuration comes from ``FLASK_ENTITYSYNC_*`` environment variables
+(``app.config.from_prefixed_env()``), so each test server can differ. It
+keeps its rows in memory and exposes ``/_t/...`` endpoints through which the
+tests change rows, notify and read counters from inside the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import gc
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+from flask import Flask, jsonify, request
+
+from entitysync_sync import EntityKey, EntitySync
+
+SLOW_FETCH_SECONDS = 0.3
+
+
+@dataclasses.dataclass
+class TypedRow:
+    id: str
+    when: datetime.datetime
+    price: decimal.Decimal
+    uid: uuid.UUID
+
+
+def create_app() -> Flask:
+    app = Flask(__name__)
+    app.config.from_prefixed_env()
+    es = EntitySync(app)
+    rows: dict[str, Any] = {}
+    fetches: Counter[str] = Counter()
+    messages: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def count(key: EntityKey) -> None:
+        with lock:
+            fetches[str(key)] += 1
+
+    def value(key: EntityKey) -> Any:
+        return rows.get(key.id)
+
+    @es.entity("items")
+    def items(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        if key.id not in rows:
+            return None
+        return {"id": key.id, "value": value(key)}
+
+    @es.entity("multi")
+    def multi(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        for part in range(3):
+            yield {"id": key.id, "part": part, "value": value(key)}
+
+    @es.entity("pair")
+    def pair(key: EntityKey, secret: Any) -> Any:
+        return [{"id": key.id, "n": 1}, {"id": key.id, "n": 2}]
+
+    @es.entity("whoami")
+    def whoami(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        return {"id": key.id, "secret": secret, "value": value(key)}
+
+    @es.entity("slow")
+    def slow(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        time.sleep(SLOW_FETCH_SECONDS)
+        return {"id": key.id, "value": value(key)}
+
+    @es.entity("boom")
+    def boom(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        if value(key) == "ok":
+            return {"id": key.id, "value": "ok"}
+        raise RuntimeError("the database is on fire")
+
+    @es.entity("big")
+    def big(key: EntityKey, secret: Any) -> Any:
+        return {"id": key.id, "value": value(key), "blob": "x" * int(key.id.split("-")[0])}
+
+    @es.entity("typed")
+    def typed(key: EntityKey, secret: Any) -> Any:
+        return TypedRow(
+            key.id,
+            datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),
+            decimal.Decimal("12.50"),
+            uuid.UUID(int=7),
+        )
+
+    @es.entity("encoded")
+    def encoded(key: EntityKey, secret: Any) -> Any:
+        return [b'{"pre":"bytes"}', '{"pre":"str"}']
+
+    @es.entity("private")
+    def private(key: EntityKey, secret: Any) -> Any:
+        return {"id": key.id, "for": secret}
+
+    @es.authorize
+    def authorize(key: EntityKey, secret: Any) -> bool:
+        if key.entity == "private":
+            return bool(secret) and str(secret).startswith("admin")
+        return True
+
+    @es.identify
+    def identify() -> Any:
+        return request.args.get("token")
+
+    @es.on_message
+    def on_message(secret: Any, raw: str) -> None:
+        with lock:
+            messages.append({"secret": secret, "raw": raw})
+
+    @app.post("/_t/set/<entity>/<id>")
+    def set_row(entity: str, id: str) -> Any:
+        rows[id] = (request.get_json(silent=True) or {}).get("value")
+        es.notify(entity, id)
+        return {"ok": True}
+
+    @app.post("/_t/delete/<entity>/<id>")
+    def delete_row(entity: str, id: str) -> Any:
+        rows.pop(id, None)
+        es.notify(entity, id)
+        return {"ok": True}
+
+    @app.post("/_t/burst/<entity>/<id>")
+    def burst(entity: str, id: str) -> Any:
+        n = int(request.args.get("n", "100"))
+        for i in range(n):
+            rows[id] = i
+            es.notify(entity, id)
+        return {"last": n - 1}
+
+    @app.get("/_t/fetches/<entity>/<id>")
+    def fetch_count(entity: str, id: str) -> Any:
+        return {"count": fetches[f"{entity}/{id}"]}
+
+    @app.get("/_t/messages")
+    def get_messages() -> Any:
+        return jsonify(messages)
+
+    @app.get("/_t/stats")
+    def stats() -> Any:
+        from greenlet import greenlet
+
+        hub = es.hub()
+        return {
+            "connections": hub.connection_count,
+            "subscriptions": hub.subscription_count,
+            "keys": hub.key_count,
+            "threads": threading.active_count(),
+            "greenlets": sum(
+                1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead
+            ),
+        }
+
+    return app
