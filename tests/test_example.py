@@ -1,0 +1,48 @@
+"""example_flask, started the way the README starts it, speaks the seed's protocol."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Client, Server
+
+
+@pytest.fixture(params=["flask", "gunicorn"])
+def example(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    app = "example_flask:create_app()"
+    server = Server(request.param, {"DATABASE": str(tmp_path / "items.sqlite")}, app=app, ready_path="/")
+    yield server
+    server.stop()
+
+
+def update(server: Server, item: int, value: str) -> None:
+    req = urllib.request.Request(f"{server.http}/items/{item}", data=json.dumps({"value": value}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert json.loads(resp.read()) == {"ok": True}
+
+
+def test_the_seed_frames_work_unchanged_against_the_example(example: Server, clients) -> None:
+    client: Client = clients(example.ws_url)
+    client.send('{"action":"secret","body":"my-secret"}')
+    client.send('{"action":"subscribe","body":{"entity":"items","id":"1"}}')
+    first = client.expect_push("items", "1")
+    assert first["name"] == "apples"
+    update(example, 1, first["value"] + "!")
+    assert client.expect_push("items", "1") == {"id": 1, "name": "apples", "value": first["value"] + "!"}
+    client.send('{"action":"unsubscribe","body":{"entity":"items","id":"1"}}')
+    client.send('{"action":"subscribe","body":{"entity":"items","id":"999"}}')
+    assert client.recv() == {"action": "gone", "key": {"entity": "items", "id": "999"}}
+    update(example, 1, "x")
+    client.assert_silent()
+
+
+def test_the_example_page_renders_the_items(example: Server) -> None:
+    with urllib.request.urlopen(example.http + "/", timeout=10) as resp:
+        page = resp.read().decode()
+    assert "apples" in page and "/ws/entity-sync/" in page
