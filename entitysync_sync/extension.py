@@ -205,8 +205,11 @@ class EntitySync:
 
     def _serve(self, ws: Any) -> None:
         state = self._states[current_app._get_current_object()]  # type: ignore[attr-defined]
-        state.ensure_started()
         transport = WebSocketTransport(ws, state.settings.max_message_bytes)
+        if state.closed:
+            transport.close(p.CLOSE_GOING_AWAY, "server shutting down")
+            return
+        state.ensure_started()
         secret = None
         if self._identify is not None:
             try:
@@ -259,17 +262,17 @@ class _State:
         )
         self._lock = threading.Lock()
         self._started = False
-        self._closed = False
+        self.closed = False
 
     def ensure_started(self) -> None:
         """Start the bus and the sweeper on first use, in the serving process."""
+        if self.closed:
+            raise ConfigError("this EntitySync was closed; no new connections or notifications")
         if self._started:
             return
         with self._lock:
-            if self._started:
+            if self._started or self.closed:
                 return
-            if self._closed:
-                raise ConfigError("this EntitySync was closed")
             self.bus.start(self.hub, list(self.ext._entities))
             _runtime.spawn(self._sweep, name="entitysync-sweeper")
             self._started = True
@@ -280,12 +283,12 @@ class _State:
 
     def _sweep(self) -> None:
         interval = min(1.0, self.settings.send_timeout / 4)
-        while not self._closed:
+        while not self.closed:
             time.sleep(interval)
             self.hub.sweep(self.settings.send_timeout)
 
     def close(self) -> None:
-        self._closed = True
+        self.closed = True
         self.hub.close_all(p.CLOSE_GOING_AWAY, "server shutting down")
         self.bus.close()
 

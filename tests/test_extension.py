@@ -340,3 +340,51 @@ def test_memory_bus_overflow_resyncs_instead_of_losing_keys() -> None:
         wait_for(lambda: sink.resyncs == 1, message="a resync after the overflow")
     finally:
         bus.close()
+
+
+def test_coexists_with_the_apps_own_flask_sock_routes() -> None:
+    from flask_sock import Sock
+
+    app = Flask(__name__)
+    sock = Sock(app)
+
+    @sock.route("/echo")
+    def echo(ws: Any) -> None:  # pragma: no cover - only routed
+        ws.send(ws.receive())
+
+    EntitySync(app)
+    rules = {r.rule for r in app.url_map.iter_rules()}
+    assert {"/echo", "/ws/entity-sync/"} <= rules
+
+
+def test_close_shuts_every_connection_with_1001() -> None:
+    app, es = make_app()
+    es.entity("items")(lambda key, secret: None)
+    conns = [connect(app) for _ in range(3)]
+    for conn, _ in conns:
+        subscribe(conn, "items", "1")
+    es.close()
+    assert all(t.closed_with == (1001, "server shutting down") for _, t in conns)
+    assert es.hub().connection_count == 0 and es.hub().subscription_count == 0
+    with pytest.raises(ConfigError, match="closed"):
+        connect(app)
+
+
+def test_a_fetch_started_before_a_secret_change_is_discarded() -> None:
+    app, es = make_app()
+    started, release = threading.Event(), threading.Event()
+
+    @es.entity("whoami")
+    def fetch(key: EntityKey, secret: Any) -> Any:
+        if secret == "old":
+            started.set()
+            release.wait(10)
+        return {"secret": secret}
+
+    conn, transport = connect(app, "old")
+    subscribe(conn, "whoami", "1")
+    assert started.wait(10)
+    conn.receive('{"action":"secret","body":"new","ref":1}')
+    release.set()
+    wait_for(lambda: transport.pushes() == [{"secret": "new"}], message="only the new secret's push")
+    assert {"action": "ack", "ref": 1} in transport.frames
