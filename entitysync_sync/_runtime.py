@@ -23,10 +23,15 @@ def gevent_active() -> bool:
 
 
 def spawn(fn: Callable[..., Any], *args: Any, name: str = "entitysync") -> None:
-    """Run ``fn(*args)`` in the background, in a greenlet or a daemon thread."""
+    """Run ``fn(*args)`` in the background, in a greenlet or a daemon thread.
+
+    Greenlets are raw (``gevent.spawn_raw``): one is started per busy
+    connection on every push, and a full ``Greenlet`` object costs several
+    times more to create than the work it would carry.
+    """
     if gevent_active():
         import gevent
 
-        gevent.spawn(fn, *args)
+        gevent.spawn_raw(fn, *args)
     else:
         threading.Thread(target=fn, args=args, name=name, daemon=True).start()

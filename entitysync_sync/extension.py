@@ -318,7 +318,9 @@ class _State:
             result = entity.fetch(key, secret)
             if result is None:
                 return None
-            if isinstance(result, (list, tuple, Iterator)):
+            if isinstance(result, (list, tuple)) or (
+                not isinstance(result, dict) and isinstance(result, Iterator)
+            ):
                 return [self._encode(row) for row in result]
             return [self._encode(result)]
 
