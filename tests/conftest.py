@@ -129,8 +129,10 @@ class Client:
     """A real websocket client (websocket-client) with JSON helpers."""
 
     def __init__(self, url: str, token: str | None = None, **options: Any) -> None:
+        # The token travels as a cookie, as a browser's session would: a query
+        # string would put it in the server's access log.
         if token is not None:
-            url += f"?token={token}"
+            options["cookie"] = f"token={token}"
         self.ws = websocket.create_connection(url, timeout=10, **options)
 
     def send(self, obj: Any) -> None:

@@ -113,7 +113,7 @@ def create_app() -> Flask:
 
     @es.identify
     def identify() -> Any:
-        return request.args.get("token")
+        return request.cookies.get("token")
 
     @es.on_message
     def on_message(secret: Any, raw: str) -> None:
