@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -97,8 +98,7 @@ class EntitySync:
         if self._bus is not None and self._states:
             raise ConfigError("a bus instance passed to EntitySync serves one app only")
         settings = load_settings(app.config)
-        bus = self._bus or bus_from_url(settings.bus_url, buffer_size=settings.publish_buffer)
-        state = _State(self, app, settings, bus)
+        state = _State(self, app, settings, self._bus)
         blueprint = Blueprint("entitysync", __name__)
         if not settings.compression:
             blueprint.before_request(_refuse_compression)
@@ -248,11 +248,12 @@ def _refuse_compression() -> None:
 class _State:
     """One app's hub, bus and settings; also the connections' ``Handlers``."""
 
-    def __init__(self, ext: EntitySync, app: Flask, settings: Settings, bus: Bus) -> None:
+    def __init__(self, ext: EntitySync, app: Flask, settings: Settings, bus: Bus | None) -> None:
         self.ext = ext
         self.app = app
         self.settings = settings
-        self.bus = bus
+        self._bus_given = bus is not None
+        self.bus = bus if bus is not None else self._make_bus()
         self.hub = Hub()
         self.limits = ConnectionLimits(
             max_subscriptions=settings.max_subscriptions,
@@ -261,24 +262,43 @@ class _State:
             envelope=settings.envelope,
         )
         self._lock = threading.Lock()
-        self._started = False
+        self._started_in: int | None = None  # the pid that started the bus
         self.closed = False
 
+    def _make_bus(self) -> Bus:
+        return bus_from_url(self.settings.bus_url, buffer_size=self.settings.publish_buffer)
+
     def ensure_started(self) -> None:
-        """Start the bus and the sweeper on first use, in the serving process."""
+        """Start the bus and the sweeper on first use, in the serving process.
+
+        Started lazily so that nothing runs in a process that forks workers
+        (``gunicorn --preload``). If it was started before a fork anyway (a
+        notify while the app was being created), the child's copy has lost the
+        parent's threads, so the child starts a fresh bus of its own.
+        """
         if self.closed:
             raise ConfigError("this EntitySync was closed; no new connections or notifications")
-        if self._started:
+        pid = os.getpid()
+        if self._started_in == pid:
             return
         with self._lock:
-            if self._started or self.closed:
+            if self._started_in == pid or self.closed:
                 return
+            if self._started_in is not None:
+                if self._bus_given:
+                    raise ConfigError(
+                        "the bus passed to EntitySync(bus=...) was started before this process "
+                        "forked; use ENTITYSYNC_BUS_URL, or do not notify while the app is created"
+                    )
+                log.info("process forked after the bus started; starting a fresh bus")
+                self.bus = self._make_bus()
+                self.hub = Hub()
             self.bus.start(self.hub, list(self.ext._entities))
             _runtime.spawn(self._sweep, name="entitysync-sweeper")
-            self._started = True
+            self._started_in = pid
 
     def entity_added(self, name: str) -> None:
-        if self._started:
+        if self._started_in is not None:
             self.bus.add_entity(name)
 
     def _sweep(self) -> None:

@@ -51,7 +51,8 @@ class Server:
     """One server process running ``tests.server_app`` with the given config."""
 
     def __init__(self, kind: str, config: dict[str, Any], app: str = "tests.server_app:create_app()",
-                 ready_path: str = "/_t/stats"):
+                 ready_path: str = "/_t/stats", extra_args: tuple[str, ...] = (),
+                 extra_env: dict[str, str] | None = None):
         self.kind = kind
         self.ready_path = ready_path
         self.config = config
@@ -61,9 +62,10 @@ class Server:
         env["PYTHONUNBUFFERED"] = "1"
         for key, value in config.items():
             env[f"FLASK_{key}"] = json.dumps(value)
+        env.update(extra_env or {})
         if kind == "gunicorn":
             cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
-                   "-b", "127.0.0.1:0", "--graceful-timeout", "2", *_gunicorn_flags(), app]
+                   "-b", "127.0.0.1:0", "--graceful-timeout", "2", *_gunicorn_flags(), *extra_args, app]
             pattern = r"Listening at: http://127\.0\.0\.1:(\d+)"
         elif kind == "flask":
             cmd = [sys.executable, "-m", "flask", "--app", app.removesuffix("()"), "run",

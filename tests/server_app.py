@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import decimal
 import gc
+import os
 import threading
 import time
 import uuid
@@ -119,6 +120,9 @@ def create_app() -> Flask:
     def on_message(secret: Any, raw: str) -> None:
         with lock:
             messages.append({"secret": secret, "raw": raw})
+
+    if os.environ.get("ENTITYSYNC_TEST_NOTIFY_AT_START"):
+        es.notify("items", "at-start")  # starts the bus in this process, before any fork
 
     @app.post("/_t/set/<entity>/<id>")
     def set_row(entity: str, id: str) -> Any:

@@ -331,3 +331,16 @@ def _handshake(server: Server, offer_deflate: bool) -> dict[str, str]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return headers
+
+
+def test_a_bus_started_before_gunicorn_forks_is_restarted_in_the_worker(clients, uid: str) -> None:
+    server = Server("gunicorn", {}, extra_args=("--preload",),
+                    extra_env={"ENTITYSYNC_TEST_NOTIFY_AT_START": "1"})
+    try:
+        client = clients(server.ws_url)
+        client.subscribe("items", uid)
+        client.expect(lambda f: f["action"] == "gone")
+        server.set("items", uid, "through the worker's own bus")
+        assert client.expect_push("items", uid) == {"id": uid, "value": "through the worker's own bus"}
+    finally:
+        server.stop()
