@@ -114,7 +114,10 @@ def create_app() -> Flask:
 
     @es.identify
     def identify() -> Any:
-        return request.cookies.get("token")
+        token = request.cookies.get("token")
+        if token == "explode":
+            raise RuntimeError("the identity service is down")
+        return token
 
     @es.on_message
     def on_message(secret: Any, raw: str) -> None:

@@ -145,6 +145,14 @@ def test_frames_without_action_reach_on_message_with_the_secret(server: Server, 
     assert found == [{"secret": "t-" + uid, "raw": raw}]
 
 
+def test_identify_raising_closes_the_connection_with_1011(server: Server, clients) -> None:
+    client = clients(server.ws_url, token="explode")
+    assert client.close_code() == 1011
+    assert "identify raised; closing the connection" in wait_for(
+        lambda: (lambda log: log if "identify raised" in log else None)(server.log()),
+        message="the identify failure to be logged")
+
+
 def test_unsubscribe_stops_pushes(server: Server, clients, uid: str) -> None:
     client = clients(server.ws_url)
     server.set("items", uid, 1)
