@@ -25,10 +25,6 @@ class Hub:
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()
         self._subscribers: dict[EntityKey, set[Connection]] = {}
-        #: Keys received from the bus, for observability.
-        self.delivered = 0
-        #: Times the bus asked for a resync.
-        self.resyncs = 0
 
     # -- membership ------------------------------------------------------------
 
@@ -66,7 +62,6 @@ class Hub:
 
     def deliver(self, keys: Sequence[EntityKey]) -> None:
         """Ask every local subscriber of each key to refresh it."""
-        self.delivered += len(keys)
         for key in keys:
             with self._lock:
                 conns = tuple(self._subscribers.get(key, ()))
@@ -75,7 +70,6 @@ class Hub:
 
     def resync(self) -> None:
         """Refresh every key that has a local subscriber."""
-        self.resyncs += 1
         with self._lock:
             keys = list(self._subscribers)
         self.deliver(keys)

@@ -194,9 +194,7 @@ class Client:
         while True:
             try:
                 opcode, data = self.ws.recv_data(control_frame=True)
-            except websocket.WebSocketConnectionClosedException:
-                return None
-            except ConnectionError:
+            except (websocket.WebSocketConnectionClosedException, ConnectionError):
                 return None
             if opcode == websocket.ABNF.OPCODE_CLOSE:
                 return int.from_bytes(data[:2], "big") if len(data) >= 2 else None

@@ -207,8 +207,8 @@ def test_a_slow_socket_does_not_delay_other_subscribers() -> None:
     wait_for(lambda: len(fast_transport.pushes()) == 2, message="the fast client's pushes")
     assert slow_transport.frames == []
     slow_transport.gate.set()
-    wait_for(lambda: slow_transport.pushes() == [{"id": "1", "secret": "slow"}] * 2
-             or len(slow_transport.pushes()) == 2, message="the slow client to catch up")
+    wait_for(lambda: slow_transport.pushes() == [{"id": "1", "secret": "slow"}] * 2,
+             message="the slow client to catch up")
 
 
 def test_unsubscribe_during_a_fetch_drops_its_result() -> None:
@@ -265,6 +265,15 @@ def test_hook_errors_become_error_frames_without_the_secret(caplog: pytest.LogCa
     assert "auth backend down" in caplog.text and "handler bug" in caplog.text
     assert "top-secret-value" not in caplog.text
     assert "top-secret-value" not in json.dumps(transport.frames)
+
+
+def test_a_frame_without_action_and_no_on_message_gets_bad_message() -> None:
+    app, _ = make_app()
+    conn, transport = connect(app)
+    conn.receive('{"chat":"hello"}')
+    wait_for(lambda: transport.frames, message="the error frame")
+    assert transport.frames[0]["error"]["code"] == "bad_message"
+    assert "on_message" in transport.frames[0]["error"]["message"]
 
 
 def test_key_buffer_deduplicates_and_flags_overflow() -> None:
