@@ -68,10 +68,10 @@ class Hub:
             for conn in conns:
                 conn.request_refresh(key)
 
-    def resync(self) -> None:
-        """Refresh every key that has a local subscriber."""
+    def resync(self, entity: str | None = None) -> None:
+        """Refresh every key that has a local subscriber, or every such key of ``entity``."""
         with self._lock:
-            keys = list(self._subscribers)
+            keys = [key for key in self._subscribers if entity is None or key.entity == entity]
         self.deliver(keys)
 
     # -- housekeeping ----------------------------------------------------------

@@ -8,7 +8,10 @@ Three kinds of payload cross the wire:
 * server frames (server to browser), built by the ``encode_*`` functions;
 * bus bodies (server to server), ``{"entity":"items","id":"100"}``, the same
   bytes the Go entity-sync publishes, built by :func:`encode_bus_body` and
-  read by :func:`decode_bus_body`.
+  read by :func:`decode_bus_body`; and ``{"entity":"items","resync":true}``,
+  built by :func:`encode_bus_resync`, which asks every server to refresh all
+  its subscribed keys of one entity (sent after a publisher had to drop
+  notifications; a Go node reads it as a key with an empty id and ignores it).
 
 Bad input raises :class:`~entitysync_sync.exceptions.ProtocolError` carrying
 one of the error codes below.
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .exceptions import InvalidKeyError, ProtocolError
-from .keys import EntityKey
+from .keys import EntityKey, validate_entity
 
 # Error codes sent in ``{"action":"error"}`` frames.
 BAD_JSON = "bad_json"
@@ -173,14 +176,31 @@ def encode_bus_body(key: EntityKey) -> bytes:
     return encode_key(key).encode()
 
 
-def decode_bus_body(body: bytes | str) -> EntityKey:
+@dataclass(frozen=True)
+class ResyncRequest:
+    """A bus body asking for every subscribed key of ``entity`` to be refreshed."""
+
+    entity: str
+
+
+def encode_bus_resync(entity: str) -> bytes:
+    """The bus body of a :class:`ResyncRequest` for ``entity``."""
+    return json.dumps({"entity": entity, "resync": True}, separators=(",", ":")).encode()
+
+
+def decode_bus_body(body: bytes | str) -> EntityKey | ResyncRequest:
     """Read a bus message body; extra fields are ignored.
 
     Raises :class:`ProtocolError` (``bad_message``) for anything that is not
-    a JSON object with a valid entity and id.
+    a JSON object with a valid entity and either a valid id or ``"resync": true``.
     """
     try:
         obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError(BAD_MESSAGE, "bus body is not valid JSON") from None
+    if isinstance(obj, dict) and obj.get("resync") is True:
+        try:
+            return ResyncRequest(validate_entity(obj.get("entity")))
+        except InvalidKeyError as exc:
+            raise ProtocolError(BAD_MESSAGE, str(exc)) from None
     return _read_key(obj, None)

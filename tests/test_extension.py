@@ -279,23 +279,34 @@ def test_a_frame_without_action_and_no_on_message_gets_bad_message() -> None:
 def test_key_buffer_deduplicates_and_flags_overflow() -> None:
     buffer = KeyBuffer(2)
     buffer.add([EntityKey("a", 1), EntityKey("a", 1), EntityKey("a", 2)])
-    assert buffer.take() == ([EntityKey("a", 1), EntityKey("a", 2)], False)
-    buffer.add([EntityKey("a", n) for n in range(5)])
-    keys, overflowed = buffer.take()
-    assert len(keys) == 2 and overflowed and buffer.dropped == 3
-    assert buffer.take() == ([], False)
+    assert buffer.take() == ([EntityKey("a", 1), EntityKey("a", 2)], set())
+    buffer.add([EntityKey("a", n) for n in range(5)] + [EntityKey("b", 1)])
+    keys, dropped = buffer.take()
+    assert len(keys) == 2 and dropped == {"a", "b"} and buffer.dropped == 4
+    assert buffer.take() == ([], set())
+
+
+def test_key_buffer_puts_back_a_failed_batch_ahead_of_newer_keys() -> None:
+    buffer = KeyBuffer(3)
+    buffer.add([EntityKey("a", 1), EntityKey("a", 2)])
+    keys, dropped = buffer.take()
+    buffer.add([EntityKey("a", 3), EntityKey("a", 1), EntityKey("b", 4)])
+    buffer.put_back(keys, dropped)
+    keys, dropped = buffer.take()
+    assert keys == [EntityKey("a", 1), EntityKey("a", 2), EntityKey("a", 3)]
+    assert dropped == {"b"} and buffer.dropped == 1
 
 
 class RecordingSink:
     def __init__(self) -> None:
         self.keys: list[EntityKey] = []
-        self.resyncs = 0
+        self.resyncs: list[str | None] = []
 
     def deliver(self, keys: Any) -> None:
         self.keys.extend(keys)
 
-    def resync(self) -> None:
-        self.resyncs += 1
+    def resync(self, entity: str | None = None) -> None:
+        self.resyncs.append(entity)
 
 
 def test_memory_bus_fans_out_within_a_name_only() -> None:
@@ -346,7 +357,7 @@ def test_memory_bus_overflow_resyncs_instead_of_losing_keys() -> None:
         wait_for(lambda: sink.keys, message="the first delivery")
         bus.publish([EntityKey("items", n) for n in range(1, 10)])  # while delivery is held
         held.set()
-        wait_for(lambda: sink.resyncs == 1, message="a resync after the overflow")
+        wait_for(lambda: sink.resyncs == ["items"], message="a resync after the overflow")
     finally:
         bus.close()
 

@@ -85,7 +85,13 @@ def test_bus_body_is_byte_compatible_with_the_go_library() -> None:
     assert p.decode_bus_body(b'{"id":"1","entity":"items","extra":true}') == EntityKey("items", "1")
 
 
-@pytest.mark.parametrize("body", [b"", b"\xff\xfe", b"[]", b'{"entity":"items"}', b'{"entity":"a b","id":"1"}'])
+def test_resync_request_round_trips_and_names_an_entity() -> None:
+    assert p.encode_bus_resync("items") == b'{"entity":"items","resync":true}'
+    assert p.decode_bus_body(p.encode_bus_resync("items")) == p.ResyncRequest("items")
+
+
+@pytest.mark.parametrize("body", [b"", b"\xff\xfe", b"[]", b'{"entity":"items"}', b'{"entity":"a b","id":"1"}',
+                                  b'{"resync":true}', b'{"entity":"a b","resync":true}', b"[" * 100_000])
 def test_bad_bus_bodies_raise(body: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         p.decode_bus_body(body)

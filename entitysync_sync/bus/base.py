@@ -25,8 +25,8 @@ class BusSink(Protocol):
     def deliver(self, keys: Sequence[EntityKey]) -> None:
         """Schedule refreshes of ``keys`` for local subscribers; never blocks on them."""
 
-    def resync(self) -> None:
-        """Refresh every key that has local subscribers."""
+    def resync(self, entity: str | None = None) -> None:
+        """Refresh every key that has local subscribers (of ``entity`` only, if given)."""
 
 
 class Bus(abc.ABC):
@@ -52,6 +52,10 @@ class Bus(abc.ABC):
     def close(self) -> None:
         """Stop receiving and release connections; idempotent."""
 
+    def stats(self) -> dict[str, int]:
+        """Counters and gauges of this bus (names are stable; see the README)."""
+        return {}
+
 
 class KeyBuffer:
     """A bounded, de-duplicating, thread-safe buffer of keys.
@@ -59,8 +63,8 @@ class KeyBuffer:
     Keys are kept in arrival order and a key already waiting is not added
     twice: a notification only asks for a refresh, so duplicates carry no
     information. When ``capacity`` distinct keys are waiting, further keys
-    are dropped and :attr:`overflowed` is set; whoever drains the buffer
-    must then resync instead of trusting what it holds.
+    are dropped and their entities remembered; whoever drains the buffer
+    must then resync those entities instead of trusting what it holds.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -68,7 +72,7 @@ class KeyBuffer:
             raise ValueError("a KeyBuffer needs a capacity of at least 1")
         self.capacity = capacity
         self._keys: dict[EntityKey, None] = {}
-        self._overflowed = False
+        self._dropped_entities: set[str] = set()
         self._lock = threading.Lock()
         #: Keys dropped because the buffer was full, since it was made.
         self.dropped = 0
@@ -80,19 +84,34 @@ class KeyBuffer:
                 if key in self._keys:
                     continue
                 if len(self._keys) >= self.capacity:
-                    self._overflowed = True
+                    self._dropped_entities.add(key.entity)
                     self.dropped += 1
                     continue
                 self._keys[key] = None
 
-    def take(self) -> tuple[list[EntityKey], bool]:
-        """Remove and return everything waiting, and whether anything was dropped."""
+    def take(self) -> tuple[list[EntityKey], set[str]]:
+        """Remove and return everything waiting, and the entities of keys dropped since."""
         with self._lock:
             keys = list(self._keys)
-            overflowed = self._overflowed
-            self._keys.clear()
-            self._overflowed = False
-            return keys, overflowed
+            dropped = self._dropped_entities
+            self._keys = {}
+            self._dropped_entities = set()
+            return keys, dropped
+
+    def put_back(self, keys: Iterable[EntityKey], dropped: Iterable[str] = ()) -> None:
+        """Return what :meth:`take` gave, ahead of keys added since, after a failed send."""
+        with self._lock:
+            newer = self._keys
+            self._keys = dict.fromkeys(keys)
+            self._dropped_entities.update(dropped)
+            for key in newer:
+                if key in self._keys:
+                    continue
+                if len(self._keys) >= self.capacity:
+                    self._dropped_entities.add(key.entity)
+                    self.dropped += 1
+                    continue
+                self._keys[key] = None
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -77,14 +77,14 @@ class MemoryBus(Bus):
         while not self._closed:
             self._wake.wait()
             self._wake.clear()
-            keys, overflowed = self._buffer.take()
+            keys, dropped = self._buffer.take()
             try:
-                if overflowed:
-                    log.warning("memory bus buffer overflowed (%d keys dropped); resyncing",
-                                self._buffer.dropped)
-                    sink.resync()
-                elif keys:
+                if keys:
                     sink.deliver(keys)
+                for entity in sorted(dropped):
+                    log.warning("memory bus buffer overflowed (%d keys dropped in all); resyncing %s",
+                                self._buffer.dropped, entity)
+                    sink.resync(entity)
             except Exception:  # pragma: no cover - the hub does not raise
                 log.exception("delivering keys from the memory bus failed")
 
@@ -101,3 +101,6 @@ class MemoryBus(Bus):
     def buffered(self) -> int:
         """Keys waiting to be delivered."""
         return len(self._buffer)
+
+    def stats(self) -> dict[str, int]:
+        return {"buffered": len(self._buffer), "dropped": self._buffer.dropped}
