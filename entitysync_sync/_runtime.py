@@ -10,7 +10,8 @@ the package uses the ``threading`` primitives, which gevent patches too.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Protocol
 
 
 def gevent_active() -> bool:
@@ -35,3 +36,139 @@ def spawn(fn: Callable[..., Any], *args: Any, name: str = "entitysync") -> None:
         gevent.spawn_raw(fn, *args)
     else:
         threading.Thread(target=fn, args=args, name=name, daemon=True).start()
+
+
+class WakeEvent(Protocol):
+    """An event set from any thread and waited on where an :class:`Executor` runs work."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class Executor(Protocol):
+    """Where a bus runs its loops, and how it sleeps and waits there."""
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None: ...
+
+    def event(self) -> WakeEvent: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class DefaultExecutor:
+    """Greenlets under patched gevent, daemon threads otherwise (see :func:`spawn`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        spawn(fn, *args, name=self.name)
+
+    def event(self) -> WakeEvent:
+        return threading.Event()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class GeventThread:
+    """A daemon thread running a gevent hub of its own.
+
+    A gevent-only library (gnsq) cannot run on the threads of an unpatched
+    process, such as the threaded Flask dev server. It runs here instead;
+    other threads hand it work with :meth:`spawn` and wake it through the
+    events of :meth:`event`, both of which go through the hub's thread-safe
+    callback queue.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._ready = threading.Event()
+        self._hub: Any = None
+        self._stop: Any = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        import gevent
+        import gevent.event
+
+        self._hub = gevent.get_hub()
+        self._stop = gevent.event.Event()
+        self._ready.set()
+        self._stop.wait()
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        if threading.current_thread() is self._thread:
+            fn(*args)
+        else:
+            self._hub.loop.run_callback_threadsafe(fn, *args)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        import gevent
+
+        self._call(gevent.spawn_raw, fn, *args)
+
+    def event(self) -> WakeEvent:
+        return _CrossThreadEvent(self)
+
+    def sleep(self, seconds: float) -> None:
+        import gevent
+
+        gevent.sleep(seconds)
+
+    def running_here(self) -> bool:
+        """True when called on this thread."""
+        return threading.current_thread() is self._thread
+
+    def stop(self) -> None:
+        """Let the thread end once its greenlets have finished."""
+        if self._stop is not None:
+            self._call(self._stop.set)
+
+
+class _CrossThreadEvent:
+    def __init__(self, owner: GeventThread) -> None:
+        import gevent.event
+
+        self._owner = owner
+        self._event = gevent.event.Event()
+
+    def set(self) -> None:
+        self._owner._call(self._event.set)
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return bool(self._event.wait(timeout))
+
+
+def executor(name: str, *, needs_gevent: bool = False) -> DefaultExecutor | GeventThread:
+    """The executor for a bus; ``needs_gevent`` buses get a :class:`GeventThread` when unpatched."""
+    if needs_gevent and not gevent_active():
+        return GeventThread(name)
+    return DefaultExecutor(name)
+
+
+def gunicorn_workers() -> int | None:
+    """How many workers the gunicorn that forked this process runs, or None outside gunicorn.
+
+    gunicorn keeps no global for it; its arbiter object survives in a forked
+    worker's memory, so it is looked up there, once, only when gunicorn is loaded.
+    """
+    import sys
+
+    arbiter = sys.modules.get("gunicorn.arbiter")
+    if arbiter is None:
+        return None
+    import gc
+
+    for obj in gc.get_objects():
+        if isinstance(obj, arbiter.Arbiter):
+            return int(obj.num_workers)
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, MutableMapping
 
+from .bus.broker import check_topic_prefix
 from .exceptions import ConfigError
 
 #: Every configuration key with its default; documented in the README.
@@ -19,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "ENTITYSYNC_SEND_TIMEOUT": 10.0,
     "ENTITYSYNC_COMPRESSION": False,
     "ENTITYSYNC_PUBLISH_BUFFER": 10_000,
+    "ENTITYSYNC_TOPIC_PREFIX": "",
 }
 
 
@@ -36,6 +38,7 @@ class Settings:
     send_timeout: float
     compression: bool
     publish_buffer: int
+    topic_prefix: str
 
 
 def _bool(config: MutableMapping[str, Any], key: str) -> bool:
@@ -80,4 +83,5 @@ def load_settings(config: MutableMapping[str, Any]) -> Settings:
         send_timeout=_positive_number(config, "ENTITYSYNC_SEND_TIMEOUT"),
         compression=_bool(config, "ENTITYSYNC_COMPRESSION"),
         publish_buffer=_positive_int(config, "ENTITYSYNC_PUBLISH_BUFFER"),
+        topic_prefix=check_topic_prefix(config["ENTITYSYNC_TOPIC_PREFIX"]),
     )

@@ -1,0 +1,265 @@
+"""What every networked bus shares: buffered publishing, reconnects, resync.
+
+A networked bus (NSQ, Redis) differs from its peers only in how it sends a
+batch of bodies and how it receives them. Everything users rely on lives
+here, once:
+
+* ``publish`` never waits on the network. Keys go into a bounded,
+  de-duplicating :class:`~entitysync_sync.bus.base.KeyBuffer`; a publisher
+  loop sends them in batches, one batch per topic.
+* While the broker is unreachable the keys wait, and the loop retries with
+  capped exponential backoff and jitter; nothing is sent twice on purpose,
+  but a notification only asks for a refresh, so a duplicate is harmless.
+* If the buffer overflows, the dropped keys' entities are remembered and a
+  :func:`~entitysync_sync.protocol.encode_bus_resync` body is published for
+  each once the broker is back: every server refreshes every subscribed key
+  of those entities, so dropped notifications cost work, never correctness.
+* Whenever a backend (re)connects its receiving side, the sink resyncs, so
+  clients converge even though nothing was received while disconnected.
+* Received bodies that are not keys are logged (their first bytes only) and
+  counted, and never stop the reader.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import random
+from collections import Counter
+from typing import Iterable, Sequence
+
+from .. import _runtime
+from .. import protocol as p
+from ..exceptions import ConfigError, ProtocolError
+from ..keys import ENTITY_PATTERN, EntityKey
+from .base import Bus, BusSink, KeyBuffer
+
+log = logging.getLogger("entitysync_sync")
+
+#: Longest topic or channel name NSQ accepts; Redis channels share it for symmetry.
+MAX_TOPIC_LENGTH = 64
+
+
+def check_topic_prefix(prefix: str) -> str:
+    """Return ``prefix`` if topics made with it are valid names, else raise :class:`ConfigError`."""
+    if not isinstance(prefix, str) or (prefix and ENTITY_PATTERN.fullmatch(prefix) is None):
+        raise ConfigError(
+            f"ENTITYSYNC_TOPIC_PREFIX must be empty or up to 64 characters from "
+            f"A-Z, a-z, 0-9, '_', '.' and '-', got {prefix!r}"
+        )
+    return prefix
+
+
+class BrokerBus(Bus):
+    """Base of the networked buses; subclasses implement the backend hooks.
+
+    :param topic_prefix: prepended to every entity name to make its topic
+        (NSQ) or channel (Redis), so several apps can share one broker.
+    :param buffer_size: distinct keys held while the broker is unreachable.
+    :param retry_max: the longest pause, in seconds, between two attempts.
+    """
+
+    #: Name used in logs and errors, e.g. ``"nsq"``.
+    kind = "broker"
+    #: Whether the backend must run on a gevent hub (gnsq does).
+    needs_gevent = False
+
+    def __init__(self, *, topic_prefix: str = "", buffer_size: int = 10_000,
+                 retry_min: float = 0.05, retry_max: float = 5.0) -> None:
+        self.topic_prefix = check_topic_prefix(topic_prefix)
+        self.retry_min = retry_min
+        self.retry_max = retry_max
+        self._outbox = KeyBuffer(buffer_size)
+        self._entities: set[str] = set()
+        self._sink: BusSink | None = None
+        self._executor: _runtime.DefaultExecutor | _runtime.GeventThread | None = None
+        self._wake: _runtime.WakeEvent | None = None
+        self._stopped: _runtime.WakeEvent | None = None
+        self._closing: _runtime.WakeEvent | None = None
+        self.closed = False
+        self.counters: Counter[str] = Counter()
+
+    # -- the Bus interface -----------------------------------------------------
+
+    def start(self, sink: BusSink, entities: Iterable[str]) -> None:
+        if self._sink is not None:
+            raise RuntimeError("this bus is already started")
+        entities = list(entities)
+        for entity in entities:
+            self.topic(entity)
+        self._sink = sink
+        self._entities.update(entities)
+        self._executor = _runtime.executor(f"entitysync-{self.kind}-bus", needs_gevent=self.needs_gevent)
+        self._wake = self._executor.event()
+        self._stopped = self._executor.event()
+        self._closing = self._executor.event()
+        self._executor.spawn(self._run)
+
+    def add_entity(self, entity: str) -> None:
+        self.topic(entity)
+        if entity in self._entities:
+            return
+        self._entities.add(entity)
+        if self._executor is not None:
+            self._executor.spawn(self._subscribe, entity)
+
+    def publish(self, keys: Sequence[EntityKey]) -> None:
+        if self.closed:
+            raise ConfigError(f"the {self.kind} bus is closed")
+        self._outbox.add(keys)
+        self.counters["published"] += len(keys)
+        if self._wake is not None:
+            self._wake.set()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._wake is None or self._stopped is None or self._closing is None:
+            return
+        self._closing.set()
+        self._wake.set()
+        # The publisher makes a last attempt to send what is buffered.
+        if not self._on_executor():
+            self._stopped.wait(self.retry_max + 1)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "buffered": len(self._outbox),
+            "dropped": self._outbox.dropped,
+            **self.counters,
+        }
+
+    def topic(self, entity: str) -> str:
+        """The topic (channel) that carries ``entity``'s keys."""
+        topic = self.topic_prefix + entity
+        if len(topic) > MAX_TOPIC_LENGTH:
+            raise ConfigError(
+                f"topic {topic!r} is longer than {MAX_TOPIC_LENGTH} characters: "
+                "shorten ENTITYSYNC_TOPIC_PREFIX or the entity name"
+            )
+        return topic
+
+    @property
+    def buffered(self) -> int:
+        """Keys waiting to be published."""
+        return len(self._outbox)
+
+    # -- backend hooks ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def _open(self, entities: Iterable[str]) -> None:
+        """Begin receiving ``entities``; called once on the executor. Must not block."""
+
+    @abc.abstractmethod
+    def _subscribe(self, entity: str) -> None:
+        """Also receive ``entity``; called on the executor after :meth:`_open`."""
+
+    @abc.abstractmethod
+    def _send(self, batches: dict[str, list[bytes]]) -> None:
+        """Publish ``{topic: [body, ...]}``; raise on any failure (the batch is kept)."""
+
+    @abc.abstractmethod
+    def _shutdown(self) -> None:
+        """Stop receiving and release connections; called once on the executor."""
+
+    def describe(self) -> str:
+        """Where this bus connects, for logs; never includes credentials."""
+        return self.kind
+
+    # -- for backends ----------------------------------------------------------
+
+    def _received(self, body: bytes) -> None:
+        """Hand one received body to the sink; log and drop anything that is not a key."""
+        sink = self._sink
+        if sink is None or self.closed:
+            return
+        try:
+            message = p.decode_bus_body(body)
+        except ProtocolError as exc:
+            self.counters["malformed"] += 1
+            log.warning("dropped a malformed %s bus message (%s): %r", self.kind, exc.message, body[:64])
+            return
+        self.counters["received"] += 1
+        if isinstance(message, p.ResyncRequest):
+            sink.resync(message.entity)
+        else:
+            sink.deliver([message])
+
+    def _connected(self, entity: str | None = None) -> None:
+        """Record a (re)connection of the receiving side and resync what it may have missed."""
+        self.counters["connects"] += 1
+        if self._sink is not None and not self.closed:
+            self._sink.resync(entity)
+
+    # -- the publisher loop ----------------------------------------------------
+
+    def _on_executor(self) -> bool:
+        executor = self._executor
+        return isinstance(executor, _runtime.GeventThread) and executor.running_here()
+
+    def _run(self) -> None:
+        assert self._executor is not None and self._wake is not None and self._stopped is not None
+        try:
+            self._open(sorted(self._entities))
+            self._publish_loop()
+        except Exception:  # pragma: no cover - a bug, but never a silent one
+            log.exception("the %s bus stopped unexpectedly", self.kind)
+        finally:
+            try:
+                self._shutdown()
+            except Exception:  # pragma: no cover
+                log.exception("closing the %s bus failed", self.kind)
+            self._stopped.set()
+            if isinstance(self._executor, _runtime.GeventThread):
+                self._executor.stop()
+
+    def _publish_loop(self) -> None:
+        assert self._executor is not None and self._wake is not None and self._closing is not None
+        failures = 0
+        while True:
+            if failures:
+                delay = min(self.retry_max, self.retry_min * 2 ** (failures - 1))
+                self._closing.wait(delay * random.uniform(0.5, 1.0))
+            else:
+                self._wake.wait()
+            self._wake.clear()
+            last = self.closed
+            keys, dropped = self._outbox.take()
+            if keys or dropped:
+                try:
+                    self._send(self._batches(keys, dropped))
+                except Exception as exc:
+                    self._outbox.put_back(keys, dropped)
+                    failures += 1
+                    self.counters["publish_failures"] += 1
+                    if failures == 1:
+                        log.warning("publishing to %s failed (%s); holding notifications and retrying",
+                                    self.describe(), _describe_error(exc))
+                    if last:
+                        log.warning("the %s bus closed with %d notifications unpublished",
+                                    self.kind, len(self._outbox))
+                        return
+                    continue
+                if failures:
+                    log.info("published the notifications held while %s was unreachable", self.describe())
+                failures = 0
+                if dropped:
+                    log.warning("the %s publish buffer overflowed (%d keys dropped in all); "
+                                "asked every server to resync %s", self.kind, self._outbox.dropped,
+                                ", ".join(sorted(dropped)))
+            if last:
+                return
+
+    def _batches(self, keys: Sequence[EntityKey], dropped: set[str]) -> dict[str, list[bytes]]:
+        batches: dict[str, list[bytes]] = {}
+        for key in keys:
+            batches.setdefault(self.topic(key.entity), []).append(p.encode_bus_body(key))
+        for entity in sorted(dropped):
+            batches.setdefault(self.topic(entity), []).append(p.encode_bus_resync(entity))
+        return batches
+
+
+def _describe_error(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:200]
