@@ -17,7 +17,7 @@ from simple_websocket import ConnectionClosed
 
 from . import _runtime
 from . import protocol as p
-from .bus import Bus, bus_from_url
+from .bus import Bus, MemoryBus, bus_from_url
 from .connection import Connection, ConnectionLimits
 from .exceptions import ConfigError, UnknownEntityError
 from .hub import Hub
@@ -76,7 +76,10 @@ class EntitySync:
     ``ENTITYSYNC_COMPRESSION`` [``False``]
         Accept permessage-deflate when a client offers it.
     ``ENTITYSYNC_PUBLISH_BUFFER`` [``10000``]
-        Distinct keys the bus may hold undelivered; past it, it resyncs.
+        Distinct keys the bus may hold unpublished (e.g. while the broker is
+        down); past it, keys are dropped and every server resyncs their entities.
+    ``ENTITYSYNC_TOPIC_PREFIX`` [``""``]
+        Prefix of every NSQ topic or Redis channel, so apps can share a broker.
     """
 
     def __init__(self, app: Flask | None = None, *, bus: Bus | None = None) -> None:
@@ -197,6 +200,10 @@ class EntitySync:
         """The subscription map of this process (for stats and tests)."""
         return (self._states[app] if app is not None else self._state()).hub
 
+    def bus(self, app: Flask | None = None) -> Bus:
+        """The bus of this process (for stats and tests)."""
+        return (self._states[app] if app is not None else self._state()).bus
+
     def close(self, app: Flask | None = None) -> None:
         """Close every local connection with 1001 and stop the bus."""
         (self._states[app] if app is not None else self._state()).close()
@@ -266,7 +273,8 @@ class _State:
         self.closed = False
 
     def _make_bus(self) -> Bus:
-        return bus_from_url(self.settings.bus_url, buffer_size=self.settings.publish_buffer)
+        return bus_from_url(self.settings.bus_url, buffer_size=self.settings.publish_buffer,
+                            topic_prefix=self.settings.topic_prefix)
 
     def ensure_started(self) -> None:
         """Start the bus and the sweeper on first use, in the serving process.
@@ -296,6 +304,13 @@ class _State:
             self.bus.start(self.hub, list(self.ext._entities))
             _runtime.spawn(self._sweep, name="entitysync-sweeper")
             self._started_in = pid
+        if isinstance(self.bus, MemoryBus):
+            workers = _runtime.gunicorn_workers()
+            if workers is not None and workers > 1:
+                log.warning(
+                    "ENTITYSYNC_BUS_URL is %s but gunicorn runs %d workers: a notify reaches only "
+                    "the clients of the worker that made it. Use a redis:// or nsq:// bus to "
+                    "reach every worker and server.", self.settings.bus_url, workers)
 
     def entity_added(self, name: str) -> None:
         if self._started_in is not None:

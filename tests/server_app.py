@@ -12,11 +12,14 @@ import dataclasses
 import datetime
 import decimal
 import gc
+import json
 import os
+import sqlite3
 import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import closing
 from typing import Any
 
 from flask import Flask, jsonify, request
@@ -34,11 +37,43 @@ class TypedRow:
     uid: uuid.UUID
 
 
+class SharedRows:
+    """Rows in an SQLite file, so that several server processes share one database."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with self._db() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS rows (id TEXT PRIMARY KEY, value TEXT)")
+
+    def _db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=10, isolation_level=None)
+
+    def __contains__(self, id: str) -> bool:
+        with closing(self._db()) as db:
+            return db.execute("SELECT 1 FROM rows WHERE id = ?", (id,)).fetchone() is not None
+
+    def get(self, id: str) -> Any:
+        with closing(self._db()) as db:
+            row = db.execute("SELECT value FROM rows WHERE id = ?", (id,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def __setitem__(self, id: str, value: Any) -> None:
+        with closing(self._db()) as db:
+            db.execute("INSERT OR REPLACE INTO rows VALUES (?, ?)", (id, json.dumps(value)))
+
+    def pop(self, id: str, default: Any = None) -> Any:
+        with closing(self._db()) as db:
+            db.execute("DELETE FROM rows WHERE id = ?", (id,))
+        return default
+
+
 def create_app() -> Flask:
     app = Flask(__name__)
     app.config.from_prefixed_env()
     es = EntitySync(app)
-    rows: dict[str, Any] = {}
+    shared = os.environ.get("ENTITYSYNC_TEST_DB")
+    rows: Any = SharedRows(shared) if shared else {}
     fetches: Counter[str] = Counter()
     messages: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -133,6 +168,11 @@ def create_app() -> Flask:
         es.notify(entity, id)
         return {"ok": True}
 
+    @app.post("/_t/set-quietly/<entity>/<id>")
+    def set_row_quietly(entity: str, id: str) -> Any:
+        rows[id] = (request.get_json(silent=True) or {}).get("value")
+        return {"ok": True}
+
     @app.post("/_t/delete/<entity>/<id>")
     def delete_row(entity: str, id: str) -> Any:
         rows.pop(id, None)
@@ -151,6 +191,12 @@ def create_app() -> Flask:
     def fetch_count(entity: str, id: str) -> Any:
         return {"count": fetches[f"{entity}/{id}"]}
 
+    @app.get("/_t/bus-ready")
+    def bus_ready() -> Any:
+        """Start the bus; ready once every entity's subscription is up."""
+        es._state().ensure_started()
+        return {"ready": es.bus().stats().get("connects", 0) >= len(es.entities)}
+
     @app.get("/_t/messages")
     def get_messages() -> Any:
         return jsonify(messages)
@@ -161,6 +207,8 @@ def create_app() -> Flask:
 
         hub = es.hub()
         return {
+            "pid": os.getpid(),
+            "bus": es.bus().stats(),
             "connections": hub.connection_count,
             "subscriptions": hub.subscription_count,
             "keys": hub.key_count,

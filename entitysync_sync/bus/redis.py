@@ -1,0 +1,139 @@
+"""The Redis bus, ``redis://host:6379/0`` (or ``rediss://``), on redis-py pub/sub.
+
+One pub/sub channel per entity, named ``ENTITYSYNC_TOPIC_PREFIX`` + entity,
+carrying the same JSON bodies as the NSQ bus, so
+``redis-cli PUBLISH items '{"entity":"items","id":"1"}'`` triggers a push.
+Redis pub/sub keeps nothing for a subscriber that is away; the shared
+behaviour of :class:`~entitysync_sync.bus.broker.BrokerBus` makes up for it
+by resyncing after every (re)subscription.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Iterable
+from urllib.parse import urlsplit, urlunsplit
+
+from ..exceptions import ConfigError
+from .broker import BrokerBus
+
+log = logging.getLogger("entitysync_sync")
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+    except ImportError:
+        raise ConfigError(
+            "ENTITYSYNC_BUS_URL names a Redis bus but redis-py is not installed: "
+            "pip install 'entitysync_sync[redis]'"
+        ) from None
+    return redis
+
+
+def redact(url: str) -> str:
+    """``url`` without its user name and password, for logs and errors."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class RedisBus(BrokerBus):
+    """Notifications through Redis pub/sub.
+
+    :param url: a redis-py URL, ``redis://[user:password@]host:port/db`` or
+        ``rediss://`` for TLS; query options such as ``socket_timeout`` are
+        passed to redis-py.
+    :param health_check_interval: seconds of silence after which the reader
+        pings Redis, so a dead connection is noticed and replaced.
+    """
+
+    kind = "redis"
+
+    def __init__(self, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000,
+                 health_check_interval: float = 5.0, retry_max: float = 5.0) -> None:
+        super().__init__(topic_prefix=topic_prefix, buffer_size=buffer_size, retry_max=retry_max)
+        redis = _import_redis()
+        self._redis = redis
+        self._url = url
+        try:
+            self._client = redis.Redis.from_url(
+                url, socket_connect_timeout=5, socket_keepalive=True,
+                health_check_interval=health_check_interval,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: {exc}") from None
+        self._pending: set[str] = set()
+        self._read_failures = 0
+
+    def describe(self) -> str:
+        return f"Redis at {redact(self._url)}"
+
+    # -- backend hooks ---------------------------------------------------------
+
+    def _open(self, entities: Iterable[str]) -> None:
+        assert self._executor is not None
+        self._pending.update(entities)
+        self._executor.spawn(self._read_loop)
+
+    def _subscribe(self, entity: str) -> None:
+        self._pending.add(entity)  # the reader subscribes within a second
+
+    def _send(self, batches: dict[str, list[bytes]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for topic, bodies in batches.items():
+            for body in bodies:
+                pipe.publish(topic, body)
+        pipe.execute()
+
+    def _shutdown(self) -> None:
+        self._client.close()
+
+    # -- receiving -------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        errors = (self._redis.RedisError, OSError)
+        assert self._closing is not None
+        while not self.closed:
+            pubsub = self._client.pubsub()
+            try:
+                self._pending.update(self._entities)
+                self._read(pubsub)
+            except errors as exc:
+                self._read_failures += 1
+                if self._read_failures == 1:
+                    log.warning("lost the subscription to %s (%s); reconnecting", self.describe(), exc)
+                delay = min(self.retry_max, 0.05 * 2 ** (self._read_failures - 1))
+                self._closing.wait(delay * random.uniform(0.5, 1.0))
+            finally:
+                try:
+                    pubsub.close()
+                except errors:  # pragma: no cover - closing a broken connection
+                    pass
+
+    def _read(self, pubsub: Any) -> None:
+        waiting: dict[bytes, str] = {}  # channel -> entity, until Redis confirms the subscription
+        while not self.closed:
+            if self._pending:
+                entities, self._pending = self._pending, set()
+                channels = {self.topic(entity).encode(): entity for entity in entities}
+                waiting.update(channels)
+                pubsub.subscribe(*channels)
+            message = pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "message":
+                self._received(message["data"])
+            elif kind == "subscribe":
+                entity = waiting.pop(message["channel"], None)
+                if entity is None:
+                    continue
+                if self._read_failures and not waiting:
+                    log.info("subscribed to %s again; resyncing", self.describe())
+                    self._read_failures = 0
+                self._connected(entity)

@@ -1,0 +1,250 @@
+"""The networked buses across real server processes: Redis and NSQ.
+
+Every test runs once per broker. Servers are real ``gunicorn -k gevent`` and
+threaded ``flask run`` processes sharing one SQLite database (the rows), and
+the clients are real websocket clients. Redis is the machine's real Redis;
+NSQ is a real nsqd when ``NSQD_BIN`` names one, else the protocol double in
+``tests/nsqd_double.py``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from tests.brokers import make_broker
+from tests.conftest import Client, Server, wait_for
+from tests.tcpproxy import TcpProxy
+
+BROKERS = ("redis", "nsq")
+
+
+@pytest.fixture(params=BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def broker(broker_kind: str) -> Iterator[Any]:
+    """The shared broker of this kind (never stopped by a test)."""
+    b = make_broker(broker_kind)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def own_broker(broker_kind: str) -> Iterator[Any]:
+    """A broker of this test's own, which the test may stop and start."""
+    b = make_broker(broker_kind, own=True)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def cluster(uid: str) -> Iterator[Callable[..., Server]]:
+    """Start servers with ``cluster(kind, broker, prefix=...)``; they share one database."""
+    db = Path(tempfile.mkdtemp(prefix="entitysync-db-")) / "rows.sqlite3"
+    started: list[Server] = []
+
+    def start(kind: str, broker: Any, prefix: str | None = None, url: str | None = None,
+              **config: Any) -> Server:
+        config = {"ENTITYSYNC_BUS_URL": url or broker.url(),
+                  "ENTITYSYNC_TOPIC_PREFIX": uid + "_" if prefix is None else prefix, **config}
+        server = Server(kind, config, extra_env={"ENTITYSYNC_TEST_DB": str(db)})
+        started.append(server)
+        wait_for(lambda: server.get("/_t/bus-ready")["ready"], timeout=30, message="the bus subscriptions")
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def seed(server: Server, id: str, value: Any) -> None:
+    """Write a row without notifying, so no stray push follows a test's first one."""
+    server.post(f"/_t/set-quietly/items/{id}", {"value": value})
+
+
+def until_pushed(client: Client, entity: str, id: str, value: Any, timeout: float = 15.0) -> None:
+    client.expect_push(entity, id, lambda body: body.get("value") == value, timeout=timeout)
+
+
+def converge(client: Client, expected: dict[str, Any], timeout: float = 30.0) -> None:
+    """Read pushes until the latest value of every ``items`` id equals ``expected``."""
+    latest: dict[str, Any] = {}
+
+    def done(frame: Any) -> bool:
+        if frame.get("action") == "push" and frame["key"]["entity"] == "items":
+            latest[frame["key"]["id"]] = frame["body"].get("value")
+        return all(latest.get(id) == value for id, value in expected.items())
+
+    if expected:
+        try:
+            client.expect(done, timeout=timeout)
+        except AssertionError:
+            raise AssertionError(f"client did not converge: latest {latest!r}, expected {expected!r}") from None
+
+
+def subscribed(client: Client, server: Server, entity: str, id: str, value: Any) -> Client:
+    client.subscribe(entity, id)
+    until_pushed(client, entity, id, value)
+    return client
+
+
+def test_a_notify_on_one_server_reaches_clients_of_another(broker: Any, cluster: Callable[..., Server],
+                                                           uid: str) -> None:
+    a = cluster("gunicorn", broker)
+    b = cluster("flask", broker)
+    seed(a, uid, "v0")
+    on_a = subscribed(Client(a.ws_url), a, "items", uid, "v0")
+    on_b = subscribed(Client(b.ws_url), b, "items", uid, "v0")
+    try:
+        b.set("items", uid, "from-b")
+        until_pushed(on_a, "items", uid, "from-b")
+        until_pushed(on_b, "items", uid, "from-b")
+        a.set("items", uid, "from-a")
+        until_pushed(on_b, "items", uid, "from-a")
+        until_pushed(on_a, "items", uid, "from-a")
+    finally:
+        on_a.close()
+        on_b.close()
+
+
+def test_the_topic_prefix_isolates_apps_sharing_a_broker(broker: Any, cluster: Callable[..., Server],
+                                                         uid: str) -> None:
+    a = cluster("gunicorn", broker, prefix=uid + "_one_")
+    other = cluster("gunicorn", broker, prefix=uid + "_two_")
+    seed(a, uid, "v0")
+    seed(other, uid, "v0")
+    mine = subscribed(Client(a.ws_url), a, "items", uid, "v0")
+    theirs = subscribed(Client(other.ws_url), other, "items", uid, "v0")
+    try:
+        received = other.stats()["bus"].get("received", 0)
+        a.set("items", uid, "v1")
+        until_pushed(mine, "items", uid, "v1")
+        theirs.assert_silent(within=1.0)  # the rows are shared: a push here would carry v1
+        assert other.stats()["bus"].get("received", 0) == received
+    finally:
+        mine.close()
+        theirs.close()
+
+
+def test_a_foreign_publish_of_the_go_body_reaches_clients(broker: Any, cluster: Callable[..., Server],
+                                                          uid: str) -> None:
+    a = cluster("gunicorn", broker)
+    seed(a, uid, "v0")
+    client = subscribed(Client(a.ws_url), a, "items", uid, "v0")
+    try:
+        seed(a, uid, "written-elsewhere")
+        broker.publish_raw(uid + "_items", ('{"entity":"items","id":"%s"}' % uid).encode())
+        until_pushed(client, "items", uid, "written-elsewhere")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("kind", ["gunicorn", "flask"])
+def test_malformed_bodies_are_logged_and_dropped(broker: Any, cluster: Callable[..., Server], uid: str,
+                                                 kind: str) -> None:
+    a = cluster(kind, broker)
+    seed(a, uid, "v0")
+    client = subscribed(Client(a.ws_url), a, "items", uid, "v0")
+    garbage = [b"not json", b"[1,2]", b'{"entity":"items"}', b'{"entity":"no such!","id":"1"}',
+               b"\xff\xfe\x00", b'{"entity":"items","id":""}', b"{" * 5000]
+    try:
+        for body in garbage:
+            broker.publish_raw(uid + "_items", body)
+        seed(a, uid, "after")
+        broker.publish_raw(uid + "_items", ('{"entity":"items","id":"%s","extra":[1]}' % uid).encode())
+        until_pushed(client, "items", uid, "after")
+        stats = wait_for(lambda: (s := a.stats()["bus"]).get("malformed") == len(garbage) and s,
+                         message="every malformed body to be counted")
+        assert stats["received"] == 1
+        assert a.log().count("dropped a malformed") == len(garbage)
+        assert "{" * 100 not in a.log()  # only the first bytes are logged
+    finally:
+        client.close()
+
+
+def test_the_broker_restarting_mid_stream_every_client_converges(own_broker: Any,
+                                                                 cluster: Callable[..., Server],
+                                                                 uid: str) -> None:
+    a = cluster("gunicorn", own_broker)
+    b = cluster("flask", own_broker)
+    ids = [f"{uid}-{n}" for n in range(5)]
+    for id in ids:
+        seed(a, id, "start")
+    clients = [Client(server.ws_url) for server in (a, b, a, b)]
+    try:
+        for client in clients:
+            for id in ids:
+                client.subscribe("items", id)
+            converge(client, dict.fromkeys(ids, "start"))
+
+        stop = threading.Event()
+        written: dict[str, Any] = {}
+
+        def writer() -> None:  # keeps changing rows through both servers, whatever the broker does
+            n = 0
+            while not stop.is_set():
+                server = (a, b)[n % 2]
+                id = ids[n % len(ids)]
+                server.set("items", id, f"w{n}")
+                written[id] = f"w{n}"
+                n += 1
+                stop.wait(0.01)
+
+        writes = [0]
+
+        def writer() -> None:  # keeps changing rows through both servers, whatever the broker does
+            while not stop.is_set():
+                n = writes[0]
+                id = ids[n % len(ids)]
+                (a, b)[n % 2].set("items", id, f"w{n}")
+                written[id] = f"w{n}"
+                writes[0] += 1
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            wait_for(lambda: writes[0] > 20, message="writes while the broker is up")
+            own_broker.stop()
+            count = writes[0]
+            wait_for(lambda: writes[0] > count + 20, message="writes while the broker is down")
+        finally:
+            stop.set()
+            thread.join()
+        own_broker.start()  # the last writes were all made while it was down
+        for client in clients:
+            converge(client, dict(written))
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_notify_while_the_broker_is_unreachable_is_held_and_flushed(broker: Any,
+                                                                      cluster: Callable[..., Server],
+                                                                      uid: str) -> None:
+    proxy = TcpProxy(broker.port)
+    a = cluster("gunicorn", broker, url=broker.url(proxy.port))  # A reaches the broker through the proxy
+    b = cluster("gunicorn", broker)
+    seed(a, uid, "v0")
+    on_b = subscribed(Client(b.ws_url), b, "items", uid, "v0")
+    try:
+        received = b.stats()["bus"].get("received", 0)
+        proxy.cut()
+        a.set("items", uid, "while-down")
+        wait_for(lambda: (s := a.stats()["bus"]).get("publish_failures", 0) >= 1 and s["buffered"] == 1,
+                 message="A to hold the notification")
+        on_b.assert_silent(within=0.5)
+        assert b.stats()["bus"].get("received", 0) == received
+        proxy.restore()
+        until_pushed(on_b, "items", uid, "while-down", timeout=30)
+        assert b.stats()["bus"].get("received", 0) == received + 1  # B got it from the bus, not from a resync
+        wait_for(lambda: a.stats()["bus"]["buffered"] == 0, message="A's buffer to drain")
+    finally:
+        on_b.close()
+        proxy.close()
