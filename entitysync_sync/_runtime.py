@@ -99,8 +99,14 @@ class GeventThread:
 
         self._hub = gevent.get_hub()
         self._stop = gevent.event.Event()
+        # Without an active watcher the loop would exit while it waits for work from other threads.
+        keepalive = self._hub.loop.async_()
+        keepalive.start(lambda: None)
         self._ready.set()
-        self._stop.wait()
+        try:
+            self._stop.wait()
+        finally:
+            keepalive.close()
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         if threading.current_thread() is self._thread:

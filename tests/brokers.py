@@ -111,11 +111,45 @@ class RedisBroker:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class NsqBroker:
+    """An nsqd of the test's own: a real one when ``NSQD_BIN`` names it, else the protocol double.
+
+    nsqd cannot be installed on the machines these tests were written on, so
+    by default this is ``tests/nsqd_double.py``; see :mod:`tests.nsqd`.
+    """
+
+    kind = "nsq"
+
+    def __init__(self, own: bool = False) -> None:
+        from tests.nsqd import Nsqd
+
+        self.nsqd = Nsqd()
+        self.nsqd.start()
+        self.port = self.nsqd.tcp_port
+
+    def url(self, port: int | None = None) -> str:
+        return f"nsq://127.0.0.1:{port or self.nsqd.tcp_port}"
+
+    def describe(self) -> str:
+        return self.nsqd.describe()
+
+    def start(self) -> None:
+        self.nsqd.start()  # on the same ports
+
+    def stop(self) -> None:
+        self.nsqd.stop()
+
+    def publish_raw(self, topic: str, body: bytes) -> None:
+        """PUB ``body`` on ``topic`` through nsqd's HTTP API, as any other program would."""
+        self.nsqd.pub(topic, body)
+
+    def close(self) -> None:
+        self.nsqd.close()
+
+
 def make_broker(kind: str, own: bool = False) -> Any:
     if kind == "redis":
         return RedisBroker(own=own)
     if kind == "nsq":
-        from tests.nsq_broker import NsqBroker
-
-        return NsqBroker()
+        return NsqBroker(own=own)
     raise ValueError(kind)

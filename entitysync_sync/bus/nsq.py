@@ -1,0 +1,334 @@
+"""The NSQ bus, ``nsq://host:4150``, on gnsq.
+
+Every server subscribes to one topic per entity (``ENTITYSYNC_TOPIC_PREFIX``
++ entity name) on a channel of its own, ``<server id>#ephemeral``, so every
+server receives every notification and nsqd forgets the channel when the
+server goes away. Bodies are ``{"entity":"items","id":"100"}``, the bytes
+the Go entity-sync publishes, so Go and Python servers can share topics.
+
+URL forms::
+
+    nsq://127.0.0.1:4150                      one nsqd
+    nsq://h1:4150,h2:4150                     several; publish to any, receive from all
+    nsq://127.0.0.1:4150?lookupd=http://h:4161
+                                              publish to the local nsqd, discover the
+                                              nsqd that carry each topic through nsqlookupd
+    nsq://?lookupd=http://h1:4161&lookupd=http://h2:4161
+                                              discover both sides through nsqlookupd
+
+Options in the query: ``max_in_flight`` (per topic, default 2500, nsqd's
+default ``--max-rdy-count``), ``max_backoff`` (seconds between reconnects,
+default 5), ``lookupd_poll_interval`` (seconds, default 15) and ``channel``
+(the channel name before ``#ephemeral``; default a unique id of this process).
+
+gnsq is gevent-only: in a process that is not monkey-patched (the threaded
+dev server) the bus runs on a thread of its own with its own gevent hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from typing import Any, Iterable
+from urllib.parse import parse_qs, urlsplit
+
+from ..exceptions import ConfigError
+from .broker import MAX_TOPIC_LENGTH, BrokerBus
+
+log = logging.getLogger("entitysync_sync")
+
+_CHANNEL_PATTERN = re.compile(r"[.a-zA-Z0-9_-]+")
+_EPHEMERAL = "#ephemeral"
+#: Bodies per MPUB; well under nsqd's default --max-body-size of 5 MB.
+MPUB_BATCH = 1000
+#: Seconds to wait for nsqd to acknowledge a PUB or MPUB.
+PUBLISH_TIMEOUT = 5.0
+
+
+def _import_gnsq() -> Any:
+    try:
+        import gnsq
+        import gnsq.states
+    except ImportError:
+        raise ConfigError(
+            "ENTITYSYNC_BUS_URL names an NSQ bus but gnsq is not installed: "
+            "pip install 'entitysync_sync[nsq]'"
+        ) from None
+    return gnsq
+
+
+def default_channel() -> str:
+    """A channel name unique to this process: host, pid and a random suffix."""
+    host = re.sub(r"[^.a-zA-Z0-9_-]", "-", socket.gethostname())[:24]
+    return f"es-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _number(query: dict[str, list[str]], name: str, default: float, cast: type = float) -> Any:
+    values = query.get(name)
+    if not values:
+        return default
+    try:
+        value = cast(values[-1])
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise ConfigError(f"ENTITYSYNC_BUS_URL option {name}={values[-1]!r} must be a positive number")
+    return value
+
+
+def parse_nsq_url(url: str) -> dict[str, Any]:
+    """Split an ``nsq://`` URL into :class:`NsqBus` arguments (see the module docs)."""
+    parts = urlsplit(url)
+    nsqd = []
+    for address in filter(None, parts.netloc.split(",")):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"ENTITYSYNC_BUS_URL: nsqd address {address!r} must be host:port")
+        nsqd.append(f"{host}:{int(port)}")
+    query = parse_qs(parts.query)
+    known = {"lookupd", "max_in_flight", "max_backoff", "lookupd_poll_interval", "channel"}
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise ConfigError(f"ENTITYSYNC_BUS_URL: unknown nsq:// option(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    lookupd = query.get("lookupd", [])
+    for address in lookupd:
+        if urlsplit(address).scheme not in ("http", "https"):
+            raise ConfigError(f"ENTITYSYNC_BUS_URL: lookupd {address!r} must be an http:// URL")
+    if not nsqd and not lookupd:
+        raise ConfigError("ENTITYSYNC_BUS_URL: name an nsqd (nsq://host:4150) or a lookupd "
+                          "(nsq://?lookupd=http://host:4161)")
+    return {
+        "nsqd": nsqd,
+        "lookupd": lookupd,
+        "max_in_flight": _number(query, "max_in_flight", 2500, int),
+        "max_backoff": _number(query, "max_backoff", 5.0),
+        "lookupd_poll_interval": _number(query, "lookupd_poll_interval", 15.0),
+        "channel": query.get("channel", [None])[-1],
+    }
+
+
+class NsqBus(BrokerBus):
+    """Notifications through nsqd, one topic per entity and an ephemeral channel per server.
+
+    :param nsqd: ``host:port`` TCP addresses of nsqd. Publishing uses any of
+        them; receiving connects to all.
+    :param lookupd: ``http://host:port`` addresses of nsqlookupd, to discover
+        the nsqd that carry each topic (and, with no ``nsqd``, where to publish).
+    :param max_in_flight: messages each topic's consumer may hold unacknowledged.
+    :param max_backoff: longest pause between two reconnection attempts, in seconds.
+    :param channel: this server's channel name, without ``#ephemeral``.
+    """
+
+    kind = "nsq"
+    needs_gevent = True
+
+    def __init__(self, nsqd: Iterable[str] = (), lookupd: Iterable[str] = (), *,
+                 topic_prefix: str = "", buffer_size: int = 10_000, max_in_flight: int = 2500,
+                 max_backoff: float = 5.0, lookupd_poll_interval: float = 15.0,
+                 channel: str | None = None, supervise_interval: float = 1.0) -> None:
+        super().__init__(topic_prefix=topic_prefix, buffer_size=buffer_size, retry_max=max_backoff)
+        self._gnsq = _import_gnsq()
+        self.nsqd = list(nsqd)
+        self.lookupd = list(lookupd)
+        if not self.nsqd and not self.lookupd:
+            raise ConfigError("an NSQ bus needs at least one nsqd or lookupd address")
+        self.max_in_flight = max_in_flight
+        self.max_backoff = max_backoff
+        self.lookupd_poll_interval = lookupd_poll_interval
+        self.supervise_interval = supervise_interval
+        name = channel if channel is not None else default_channel()
+        if (_CHANNEL_PATTERN.fullmatch(name) is None
+                or len(name) + len(_EPHEMERAL) > MAX_TOPIC_LENGTH):
+            raise ConfigError(f"NSQ channel {name!r} must be 1 to {MAX_TOPIC_LENGTH - len(_EPHEMERAL)} "
+                              "characters from A-Z, a-z, 0-9, '_', '.' and '-'")
+        self.channel = name + _EPHEMERAL
+        self._consumers: dict[str, Any] = {}
+        self._producer: Any = None
+        self._down_since: dict[str, float] = {}
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> NsqBus:
+        """Build the bus an ``nsq://`` URL names."""
+        return cls(**parse_nsq_url(url), **kwargs)
+
+    def describe(self) -> str:
+        where = ",".join(self.nsqd) or "lookupd " + ",".join(self.lookupd)
+        return f"nsqd {where}"
+
+    # -- backend hooks ---------------------------------------------------------
+
+    def _open(self, entities: Iterable[str]) -> None:
+        import gevent
+
+        for entity in entities:
+            self._subscribe(entity)
+        gevent.spawn(self._supervise)
+
+    def _subscribe(self, entity: str) -> None:
+        import gevent
+
+        if self.closed or entity in self._consumers:
+            return
+        consumer = _consumer_class(self._gnsq)(
+            self, entity, self.topic(entity), self.channel,
+            nsqd_tcp_addresses=self.nsqd,
+            lookupd_http_addresses=self.lookupd,
+            message_handler=self._on_message,
+            max_in_flight=self.max_in_flight,
+            max_backoff_duration=self.max_backoff,
+            lookupd_poll_interval=self.lookupd_poll_interval,
+            max_tries=0,
+            # gnsq drops an idle connection's RDY to 1, which would throttle the
+            # first burst after a quiet spell to one message per round trip.
+            low_ready_idle_timeout=float("inf"),
+        )
+        self._consumers[entity] = consumer
+        # Connecting blocks until nsqd answers or the connect times out; not here.
+        gevent.spawn(consumer.start, block=False)
+
+    def _on_message(self, consumer: Any, message: Any) -> None:
+        # Returning finishes the message: the hub only queues refreshes, so this is prompt.
+        self._received(message.body)
+
+    def _send(self, batches: dict[str, list[bytes]]) -> None:
+        import gevent
+
+        producer = self._ensure_producer()
+        try:
+            for topic, bodies in batches.items():
+                for start in range(0, len(bodies), MPUB_BATCH):
+                    chunk = bodies[start:start + MPUB_BATCH]
+                    if len(chunk) == 1:
+                        result = producer.publish(topic, chunk[0], block=False, raise_error=False)
+                    else:
+                        result = producer.multipublish(topic, chunk, block=False, raise_error=False)
+                    try:
+                        result.get(timeout=PUBLISH_TIMEOUT)
+                    except gevent.Timeout:
+                        raise TimeoutError(f"nsqd did not answer within {PUBLISH_TIMEOUT}s") from None
+        except Exception:
+            if not self.nsqd:  # discovered through lookupd: discover again next time
+                _close_quietly(producer)
+                self._producer = None
+            raise
+
+    def _shutdown(self) -> None:
+        for consumer in list(self._consumers.values()):
+            _close_quietly(consumer)
+        if self._producer is not None:
+            _close_quietly(self._producer)
+
+    # -- publishing ------------------------------------------------------------
+
+    def _ensure_producer(self) -> Any:
+        if self._producer is None:
+            nsqd = self.nsqd or self._discover_nsqd()
+            self._producer = self._gnsq.Producer(nsqd, max_backoff_duration=self.max_backoff)
+            self._producer.start()
+        return self._producer
+
+    def _discover_nsqd(self) -> list[str]:
+        """The nsqd that the lookupd know of; publishing with lookupd only goes there."""
+        nodes: set[str] = set()
+        for address in self.lookupd:
+            client = self._gnsq.LookupdClient.from_url(address)
+            for node in client.nodes().get("producers", []):
+                nodes.add(f"{node['broadcast_address']}:{node['tcp_port']}")
+        if not nodes:
+            raise ConnectionError("no nsqd is registered with the lookupd")
+        return sorted(nodes)
+
+    # -- supervision -----------------------------------------------------------
+
+    def _supervise(self) -> None:
+        """Replace any consumer that has given up reconnecting.
+
+        gnsq reconnects to the nsqd it was given with backoff, but one of its
+        greenlets can die in a race after an nsqd crash (gnsq pull request
+        32), after which the consumer never asks for messages again. A
+        consumer whose greenlets died, or that has had no connection to one of
+        its nsqd for three backoff periods, is closed and started afresh;
+        its first connection then resyncs like any reconnection.
+        """
+        import gevent
+
+        stale_after = 3 * self.max_backoff + 10
+        while not self.closed:
+            gevent.sleep(self.supervise_interval)
+            now = time.monotonic()
+            for entity, consumer in list(self._consumers.items()):
+                if self.closed:
+                    return
+                reason = self._unhealthy(entity, consumer, now, stale_after)
+                if reason:
+                    self.counters["consumers_replaced"] += 1
+                    log.warning("replacing the NSQ consumer of %s: %s", consumer.topic, reason)
+                    _close_quietly(consumer)
+                    self._down_since.pop(entity, None)
+                    del self._consumers[entity]
+                    self._subscribe(entity)
+
+    def _unhealthy(self, entity: str, consumer: Any, now: float, stale_after: float) -> str | None:
+        if consumer._state == self._gnsq.states.INIT:
+            return None  # still starting
+        if not consumer.is_running:
+            return "it stopped"
+        if any(greenlet.dead for greenlet in consumer._killables):
+            return "its RDY greenlet died"
+        if not self.nsqd:
+            return None  # lookupd decides where to connect; gnsq polls it
+        connected = {str(conn) for conn, _ in consumer._connections.items() if conn.is_connected}
+        if connected >= set(self.nsqd):
+            self._down_since.pop(entity, None)
+            return None
+        since = self._down_since.setdefault(entity, now)
+        if now - since > stale_after:
+            return f"no connection to {', '.join(sorted(set(self.nsqd) - connected))} for {now - since:.0f}s"
+        return None
+
+
+def _consumer_class(gnsq: Any) -> Any:
+    global _Consumer
+    if _Consumer is None:
+
+        class Consumer(gnsq.Consumer):  # type: ignore[misc]
+            """A gnsq consumer that resyncs its bus on every connection."""
+
+            def __init__(self, bus: NsqBus, entity: str, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self._bus = bus
+                self._entity = entity
+
+            def handle_connection_success(self, conn: Any) -> None:
+                super().handle_connection_success(conn)
+                self._bus._connected(self._entity)
+
+            def _redistribute_ready_state(self) -> None:
+                # A RDY sent on a connection that is still being made raises
+                # AttributeError and would end the RDY greenlet (gnsq pull request 32).
+                try:
+                    super()._redistribute_ready_state()
+                except Exception as exc:
+                    log.debug("RDY redistribution for %s failed (%r); retrying", self.topic, exc)
+
+        _Consumer = Consumer
+    return _Consumer
+
+
+_Consumer: Any = None
+
+
+#: gnsq logs "connection lost" when a connection it is closing on purpose ends;
+#: a closed consumer or producer logs here instead, which shows errors only.
+_CLOSED_LOGGER = logging.getLogger("entitysync_sync.nsq.closed")
+_CLOSED_LOGGER.setLevel(logging.ERROR)
+
+
+def _close_quietly(client: Any) -> None:
+    client.logger = _CLOSED_LOGGER
+    client.close()
