@@ -261,3 +261,9 @@ def clients() -> Iterator[Callable[..., Client]]:
 def uid(request: pytest.FixtureRequest) -> str:
     """A short id unique to this test, so tests sharing a server never share keys."""
     return re.sub(r"[^A-Za-z0-9]", "", request.node.name)[-40:] + str(time.monotonic_ns())[-6:]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from tests.nsqd import describe_backend
+
+    return [f"nsq bus tests: {describe_backend()}"]

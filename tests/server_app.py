@@ -107,6 +107,10 @@ def create_app() -> Flask:
         count(key)
         return {"id": key.id, "secret": secret, "value": value(key)}
 
+    @es.entity("where")
+    def where(key: EntityKey, secret: Any) -> Any:
+        return {"id": key.id, "pid": os.getpid(), "value": value(key)}
+
     @es.entity("slow")
     def slow(key: EntityKey, secret: Any) -> Any:
         count(key)

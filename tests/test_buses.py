@@ -51,10 +51,10 @@ def cluster(uid: str) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
     def start(kind: str, broker: Any, prefix: str | None = None, url: str | None = None,
-              **config: Any) -> Server:
+              extra_args: tuple[str, ...] = (), **config: Any) -> Server:
         config = {"ENTITYSYNC_BUS_URL": url or broker.url(),
                   "ENTITYSYNC_TOPIC_PREFIX": uid + "_" if prefix is None else prefix, **config}
-        server = Server(kind, config, extra_env={"ENTITYSYNC_TEST_DB": str(db)})
+        server = Server(kind, config, extra_args=extra_args, extra_env={"ENTITYSYNC_TEST_DB": str(db)})
         started.append(server)
         wait_for(lambda: server.get("/_t/bus-ready")["ready"], timeout=30, message="the bus subscriptions")
         return server
@@ -140,7 +140,7 @@ def test_a_foreign_publish_of_the_go_body_reaches_clients(broker: Any, cluster: 
     client = subscribed(Client(a.ws_url), a, "items", uid, "v0")
     try:
         seed(a, uid, "written-elsewhere")
-        broker.publish_raw(uid + "_items", ('{"entity":"items","id":"%s"}' % uid).encode())
+        broker.publish_raw(uid + "_items", f'{{"entity":"items","id":"{uid}"}}'.encode())
         until_pushed(client, "items", uid, "written-elsewhere")
     finally:
         client.close()
@@ -158,7 +158,7 @@ def test_malformed_bodies_are_logged_and_dropped(broker: Any, cluster: Callable[
         for body in garbage:
             broker.publish_raw(uid + "_items", body)
         seed(a, uid, "after")
-        broker.publish_raw(uid + "_items", ('{"entity":"items","id":"%s","extra":[1]}' % uid).encode())
+        broker.publish_raw(uid + "_items", f'{{"entity":"items","id":"{uid}","extra":[1]}}'.encode())
         until_pushed(client, "items", uid, "after")
         stats = wait_for(lambda: (s := a.stats()["bus"]).get("malformed") == len(garbage) and s,
                          message="every malformed body to be counted")
@@ -186,16 +186,6 @@ def test_the_broker_restarting_mid_stream_every_client_converges(own_broker: Any
 
         stop = threading.Event()
         written: dict[str, Any] = {}
-
-        def writer() -> None:  # keeps changing rows through both servers, whatever the broker does
-            n = 0
-            while not stop.is_set():
-                server = (a, b)[n % 2]
-                id = ids[n % len(ids)]
-                server.set("items", id, f"w{n}")
-                written[id] = f"w{n}"
-                n += 1
-                stop.wait(0.01)
 
         writes = [0]
 
@@ -248,3 +238,43 @@ def test_a_notify_while_the_broker_is_unreachable_is_held_and_flushed(broker: An
     finally:
         on_b.close()
         proxy.close()
+
+
+def test_two_gunicorn_workers_share_notifications_through_redis(cluster: Callable[..., Server],
+                                                                uid: str) -> None:
+    broker = make_broker("redis")
+    server = cluster("gunicorn", broker, extra_args=("-w", "2"))
+    server.post(f"/_t/set-quietly/where/{uid}", {"value": "v0"})
+    by_pid: dict[int, Client] = {}
+    opened = []
+    try:
+        def connect_until_both_workers() -> bool:
+            client = Client(server.ws_url)
+            opened.append(client)
+            client.subscribe("where", uid)
+            pid = client.expect_push("where", uid)["pid"]
+            by_pid.setdefault(pid, client)
+            return len(by_pid) == 2
+
+        wait_for(connect_until_both_workers, timeout=30, message="clients on both workers")
+        for n in range(4):  # each POST is handled by whichever worker accepts it
+            server.post(f"/_t/set/where/{uid}", {"value": f"v{n + 1}"})
+            for client in by_pid.values():
+                client.expect_push("where", uid, lambda body, n=n: body["value"] == f"v{n + 1}")
+        assert "gunicorn runs 2 workers" not in server.log()  # that warning is for memory:// only
+    finally:
+        for client in opened:
+            client.close()
+
+
+def test_memory_bus_warns_when_gunicorn_runs_several_workers(uid: str) -> None:
+    server = Server("gunicorn", {"ENTITYSYNC_BUS_URL": "memory://"}, extra_args=("-w", "2"))
+    try:
+        client = Client(server.ws_url)
+        client.subscribe("items", uid)
+        client.expect(lambda frame: frame.get("action") == "gone")
+        client.close()
+        wait_for(lambda: "gunicorn runs 2 workers" in server.log(), message="the warning")
+        assert "use a redis:// or nsq:// bus" in server.log().lower()
+    finally:
+        server.stop()
