@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -68,6 +69,7 @@ class RedisBus(BrokerBus):
         except ValueError as exc:
             raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: {exc}") from None
         self._pending: set[str] = set()
+        self._pending_lock = threading.Lock()
         self._read_failures = 0
 
     def describe(self) -> str:
@@ -77,11 +79,11 @@ class RedisBus(BrokerBus):
 
     def _open(self, entities: Iterable[str]) -> None:
         assert self._executor is not None
-        self._pending.update(entities)
         self._executor.spawn(self._read_loop)
 
     def _subscribe(self, entity: str) -> None:
-        self._pending.add(entity)  # the reader subscribes within a second
+        with self._pending_lock:
+            self._pending.add(entity)  # the reader subscribes within a second
 
     def _send(self, batches: dict[str, list[bytes]]) -> None:
         pipe = self._client.pipeline(transaction=False)
@@ -101,7 +103,8 @@ class RedisBus(BrokerBus):
         while not self.closed:
             pubsub = self._client.pubsub()
             try:
-                self._pending.update(self._entities)
+                with self._pending_lock:
+                    self._pending.update(self._entities)
                 self._read(pubsub)
             except errors as exc:
                 self._read_failures += 1
@@ -119,7 +122,8 @@ class RedisBus(BrokerBus):
         waiting: dict[bytes, str] = {}  # channel -> entity, until Redis confirms the subscription
         while not self.closed:
             if self._pending:
-                entities, self._pending = self._pending, set()
+                with self._pending_lock:
+                    entities, self._pending = self._pending, set()
                 channels = {self.topic(entity).encode(): entity for entity in entities}
                 waiting.update(channels)
                 pubsub.subscribe(*channels)
