@@ -278,7 +278,8 @@ class NsqBus(BrokerBus):
             return None  # still starting
         if not consumer.is_running:
             return "it stopped"
-        if any(greenlet.dead for greenlet in consumer._killables):
+        # gnsq's group drops a greenlet once it ends: the RDY loop, plus the lookupd poller.
+        if len(consumer._killables) < 1 + bool(consumer.lookupds):
             return "its RDY greenlet died"
         if not self.nsqd:
             return None  # lookupd decides where to connect; gnsq polls it

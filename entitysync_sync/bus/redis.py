@@ -36,10 +36,7 @@ def _import_redis() -> Any:
 def redact(url: str) -> str:
     """``url`` without its user name and password, for logs and errors."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
+    netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
@@ -71,6 +68,7 @@ class RedisBus(BrokerBus):
         self._pending: set[str] = set()
         self._pending_lock = threading.Lock()
         self._read_failures = 0
+        self._reader_done = threading.Event()
 
     def describe(self) -> str:
         return f"Redis at {redact(self._url)}"
@@ -93,11 +91,19 @@ class RedisBus(BrokerBus):
         pipe.execute()
 
     def _shutdown(self) -> None:
+        # The reader notices ``closed`` within a second and closes its own connection.
+        self._reader_done.wait(2.0)
         self._client.close()
 
     # -- receiving -------------------------------------------------------------
 
     def _read_loop(self) -> None:
+        try:
+            self._read_until_closed()
+        finally:
+            self._reader_done.set()
+
+    def _read_until_closed(self) -> None:
         errors = (self._redis.RedisError, OSError)
         assert self._closing is not None
         while not self.closed:

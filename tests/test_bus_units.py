@@ -1,0 +1,230 @@
+"""The networked buses in this process: URLs, errors, overflow, supervision, lookupd.
+
+The buses run here exactly as under the threaded dev server (this process is
+not monkey-patched): Redis in threads, NSQ on a thread with its own gevent
+hub. Brokers are the real Redis and nsqd (or the protocol double, see
+``tests/nsqd.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import pytest
+
+from entitysync_sync import EntityKey
+from entitysync_sync.bus import bus_from_url
+from entitysync_sync.bus.broker import BrokerBus
+from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
+from entitysync_sync.bus.redis import RedisBus, redact
+from entitysync_sync.exceptions import ConfigError
+from tests.brokers import make_broker
+from tests.conftest import wait_for
+from tests.tcpproxy import TcpProxy
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.keys: list[EntityKey] = []
+        self.resyncs: list[str | None] = []
+        self.lock = threading.Lock()
+
+    def deliver(self, keys: Any) -> None:
+        with self.lock:
+            self.keys.extend(keys)
+
+    def resync(self, entity: str | None = None) -> None:
+        with self.lock:
+            self.resyncs.append(entity)
+
+
+@pytest.fixture(params=["redis", "nsq"])
+def broker(request: pytest.FixtureRequest) -> Iterator[Any]:
+    b = make_broker(request.param)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def buses() -> Iterator[list[BrokerBus]]:
+    made: list[BrokerBus] = []
+    yield made
+    for bus in made:
+        bus.close()
+
+
+def started(buses: list[BrokerBus], url: str, prefix: str, entities: list[str], **kwargs: Any) -> tuple[Any, Sink]:
+    bus = bus_from_url(url, topic_prefix=prefix, **kwargs)
+    assert isinstance(bus, BrokerBus)
+    buses.append(bus)
+    sink = Sink()
+    bus.start(sink, entities)
+    wait_for(lambda: len(sink.resyncs) >= len(entities), timeout=20, message="the subscriptions")
+    return bus, sink
+
+
+# -- URLs and configuration ------------------------------------------------------
+
+
+def test_nsq_urls_parse_into_addresses_and_options() -> None:
+    assert parse_nsq_url("nsq://h1:4150,h2:4151") == {
+        "nsqd": ["h1:4150", "h2:4151"], "lookupd": [], "max_in_flight": 2500,
+        "max_backoff": 5.0, "lookupd_poll_interval": 15.0, "channel": None}
+    parsed = parse_nsq_url("nsq://?lookupd=http://a:4161&lookupd=http://b:4161&max_in_flight=10&channel=web1")
+    assert parsed["nsqd"] == [] and parsed["lookupd"] == ["http://a:4161", "http://b:4161"]
+    assert parsed["max_in_flight"] == 10 and parsed["channel"] == "web1"
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("nsq://", "name an nsqd"),
+    ("nsq://h1", "must be host:port"),
+    ("nsq://h1:4150?max_in_flight=0", "max_in_flight"),
+    ("nsq://h1:4150?max_in_flight=lots", "max_in_flight"),
+    ("nsq://h1:4150?bogus=1", "unknown nsq:// option"),
+    ("nsq://?lookupd=h:4161", "must be an http:// URL"),
+    ("nsq://h1:4150?channel=has%20space", "channel"),
+    ("kafka://h:9092", "unsupported bus"),
+])
+def test_bad_bus_urls_raise_config_errors(url: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        bus_from_url(url)
+
+
+def test_errors_and_descriptions_never_show_redis_credentials() -> None:
+    url = "redis://user:s3cret-pw@127.0.0.1:1/0"
+    assert redact(url) == "redis://127.0.0.1:1/0"
+    bus = RedisBus(url)
+    assert "s3cret-pw" not in bus.describe()
+    with pytest.raises(ConfigError) as info:
+        bus_from_url("redis://user:s3cret-pw@127.0.0.1:notaport/0")
+    assert "s3cret-pw" not in str(info.value)
+
+
+@pytest.mark.parametrize("prefix", ["has space", "x" * 65, "ünicode"])
+def test_bad_topic_prefixes_are_refused(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="ENTITYSYNC_TOPIC_PREFIX"):
+        RedisBus("redis://127.0.0.1:6379/0", topic_prefix=prefix)
+
+
+def test_a_topic_longer_than_nsq_allows_is_refused_when_the_entity_is_added() -> None:
+    bus = NsqBus(["127.0.0.1:4150"], topic_prefix="p" * 60)
+    with pytest.raises(ConfigError, match="longer than 64"):
+        bus.start(Sink(), ["items"])
+
+
+# -- behaviour against real brokers ----------------------------------------------
+
+
+def test_an_overflowing_publish_buffer_makes_every_server_resync(broker: Any, buses: list[BrokerBus],
+                                                                 uid: str) -> None:
+    proxy = TcpProxy(broker.port)
+    try:
+        cut_off, _ = started(buses, broker.url(proxy.port), uid, ["items"], buffer_size=3)
+        other, other_sink = started(buses, broker.url(), uid, ["items"])
+        proxy.cut()
+        cut_off.publish([EntityKey("items", n) for n in range(10)])
+        wait_for(lambda: cut_off.stats()["dropped"] == 7, message="seven keys dropped")
+        resyncs = len(other_sink.resyncs)
+        proxy.restore()
+        wait_for(lambda: len(other_sink.keys) == 3 and len(other_sink.resyncs) > resyncs, timeout=30,
+                 message="the three kept keys and a resync of items")
+        assert other_sink.keys == [EntityKey("items", n) for n in range(3)]
+        assert other_sink.resyncs[-1] == "items"
+        assert other.stats()["received"] == 4
+    finally:
+        proxy.close()
+
+
+def test_an_entity_added_after_start_is_received(broker: Any, buses: list[BrokerBus], uid: str) -> None:
+    a, sink = started(buses, broker.url(), uid, ["items"])
+    a.add_entity("late")
+    wait_for(lambda: "late" in sink.resyncs, timeout=20, message="the late entity's subscription")
+    a.publish([EntityKey("late", 1)])
+    wait_for(lambda: sink.keys == [EntityKey("late", 1)], message="the late entity's key")
+
+
+def test_close_publishes_what_is_buffered(broker: Any, buses: list[BrokerBus], uid: str) -> None:
+    _, sink = started(buses, broker.url(), uid, ["items"])
+    closing = bus_from_url(broker.url(), topic_prefix=uid)
+    closing.start(Sink(), [])
+    closing.publish([EntityKey("items", "last")])
+    closing.close()
+    wait_for(lambda: EntityKey("items", "last") in sink.keys, message="the last notification")
+
+
+def test_a_consumer_whose_rdy_greenlet_died_is_replaced_and_resyncs(buses: list[BrokerBus], uid: str) -> None:
+    broker = make_broker("nsq")
+    try:
+        bus, sink = started(buses, broker.url(), uid, ["items"])
+        assert isinstance(bus, NsqBus)
+        consumer = bus._consumers["items"]
+        resyncs = len(sink.resyncs)
+        # What gnsq's race after an nsqd crash does: its RDY greenlet ends.
+        bus._executor.spawn(lambda: consumer._killables.kill(block=False))
+        wait_for(lambda: bus.stats().get("consumers_replaced") == 1, message="the consumer to be replaced")
+        wait_for(lambda: len(sink.resyncs) > resyncs, message="a resync from the new consumer")
+        assert bus._consumers["items"] is not consumer
+        bus.publish([EntityKey("items", "after")])
+        wait_for(lambda: EntityKey("items", "after") in sink.keys, message="delivery by the new consumer")
+    finally:
+        broker.close()
+
+
+class _Lookupd(BaseHTTPRequestHandler):
+    """A stand-in for nsqlookupd's HTTP API that knows one nsqd."""
+
+    nsqd: tuple[int, int] = (0, 0)
+
+    def do_GET(self) -> None:
+        tcp, http = self.nsqd
+        producer = {"broadcast_address": "127.0.0.1", "hostname": "test", "remote_address": "127.0.0.1:1",
+                    "tcp_port": tcp, "http_port": http, "version": "1.3.0"}
+        path = self.path.split("?")[0]
+        if path in ("/lookup", "/nodes"):
+            body = json.dumps({"channels": [], "producers": [producer]}).encode()
+            self.send_response(200)
+        else:
+            body = b'{"message":"NOT_FOUND"}'
+            self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_nsq_through_lookupd_discovers_where_to_receive_and_publish(buses: list[BrokerBus], uid: str) -> None:
+    """nsqlookupd is not on this machine either: its HTTP API is stood in for by a few lines here."""
+    broker = make_broker("nsq")
+    handler = type("Lookupd", (_Lookupd,), {"nsqd": (broker.nsqd.tcp_port, broker.nsqd.http_port)})
+    lookupd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=lookupd.serve_forever, daemon=True).start()
+    try:
+        url = f"nsq://?lookupd=http://127.0.0.1:{lookupd.server_port}"
+        bus, sink = started(buses, url, uid, ["items"])
+        bus.publish([EntityKey("items", 1)])
+        wait_for(lambda: sink.keys == [EntityKey("items", 1)], message="a key through the discovered nsqd")
+    finally:
+        lookupd.shutdown()
+        broker.close()
+
+
+def test_gnsq_does_not_warn_about_connections_closed_on_purpose(buses: list[BrokerBus], uid: str,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    broker = make_broker("nsq")
+    try:
+        bus, sink = started(buses, broker.url(), uid, ["items"])
+        bus.publish([EntityKey("items", 1)])
+        wait_for(lambda: sink.keys, message="a key")
+        with caplog.at_level(logging.INFO):
+            bus.close()
+            wait_for(lambda: not bus._consumers["items"].is_running, message="the consumer to close")
+        assert not [r for r in caplog.records if "connection lost" in r.getMessage()]
+    finally:
+        broker.close()
