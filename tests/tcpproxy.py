@@ -17,6 +17,7 @@ class TcpProxy:
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
+        self._frozen: set[socket.socket] = set()
         self._cut = False
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -46,7 +47,8 @@ class TcpProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if src not in self._frozen:
+                    dst.sendall(data)
         except OSError:
             pass
         for sock in (src, dst):
@@ -55,6 +57,7 @@ class TcpProxy:
     def _drop(self, sock: socket.socket) -> None:
         with self._lock:
             self._open.discard(sock)
+            self._frozen.discard(sock)
         try:
             sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -68,6 +71,15 @@ class TcpProxy:
             socks = list(self._open)
         for sock in socks:
             self._drop(sock)
+
+    def freeze(self) -> None:
+        """Silently drop everything on the connections open now, without closing them.
+
+        The peers see a half-open connection, as when a host vanishes; new
+        connections are forwarded as usual.
+        """
+        with self._lock:
+            self._frozen.update(self._open)
 
     def restore(self) -> None:
         """Forward new connections again."""

@@ -47,6 +47,8 @@ _EPHEMERAL = "#ephemeral"
 MPUB_BATCH = 1000
 #: Seconds to wait for nsqd to acknowledge a PUB or MPUB.
 PUBLISH_TIMEOUT = 5.0
+#: Seconds between nsqd's heartbeats on our connections (nsqd's default is 30).
+HEARTBEAT = 5
 
 
 def _import_gnsq() -> Any:
@@ -186,6 +188,7 @@ class NsqBus(BrokerBus):
             # gnsq drops an idle connection's RDY to 1, which would throttle the
             # first burst after a quiet spell to one message per round trip.
             low_ready_idle_timeout=float("inf"),
+            **self._connection_options(),
         )
         self._consumers[entity] = consumer
         # Connecting blocks until nsqd answers or the connect times out; not here.
@@ -223,12 +226,18 @@ class NsqBus(BrokerBus):
         if self._producer is not None:
             _close_quietly(self._producer)
 
+    def _connection_options(self) -> dict[str, Any]:
+        # gnsq notices a silent nsqd only when a read times out: ask for
+        # heartbeats every HEARTBEAT seconds and give up after two missed ones.
+        return {"heartbeat_interval": HEARTBEAT, "timeout": 2 * HEARTBEAT + 1}
+
     # -- publishing ------------------------------------------------------------
 
     def _ensure_producer(self) -> Any:
         if self._producer is None:
             nsqd = self.nsqd or self._discover_nsqd()
-            self._producer = self._gnsq.Producer(nsqd, max_backoff_duration=self.max_backoff)
+            self._producer = self._gnsq.Producer(nsqd, max_backoff_duration=self.max_backoff,
+                                                 **self._connection_options())
             self._producer.start()
         return self._producer
 

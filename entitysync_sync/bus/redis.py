@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,6 +21,8 @@ from ..exceptions import ConfigError
 from .broker import BrokerBus
 
 log = logging.getLogger("entitysync_sync")
+
+_PING = "entitysync"
 
 
 def _import_redis() -> Any:
@@ -46,8 +49,8 @@ class RedisBus(BrokerBus):
     :param url: a redis-py URL, ``redis://[user:password@]host:port/db`` or
         ``rediss://`` for TLS; query options such as ``socket_timeout`` are
         passed to redis-py.
-    :param health_check_interval: seconds of silence after which the reader
-        pings Redis, so a dead connection is noticed and replaced.
+    :param health_check_interval: seconds between the reader's PINGs; a
+        connection that answers none for two intervals is replaced.
     """
 
     kind = "redis"
@@ -58,11 +61,9 @@ class RedisBus(BrokerBus):
         redis = _import_redis()
         self._redis = redis
         self._url = url
+        self.health_check_interval = health_check_interval
         try:
-            self._client = redis.Redis.from_url(
-                url, socket_connect_timeout=5, socket_keepalive=True,
-                health_check_interval=health_check_interval,
-            )
+            self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True)
         except ValueError as exc:
             raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: {exc}") from None
         self._pending: set[str] = set()
@@ -126,6 +127,10 @@ class RedisBus(BrokerBus):
 
     def _read(self, pubsub: Any) -> None:
         waiting: dict[bytes, str] = {}  # channel -> entity, until Redis confirms the subscription
+        # A PING every interval, and a connection that answers none of two is dead:
+        # a vanished host leaves a half-open socket that would never raise.
+        ping_interval = self.health_check_interval
+        last_pong = next_ping = time.monotonic()
         while not self.closed:
             if self._pending:
                 with self._pending_lock:
@@ -133,11 +138,19 @@ class RedisBus(BrokerBus):
                 channels = {self.topic(entity).encode(): entity for entity in entities}
                 waiting.update(channels)
                 pubsub.subscribe(*channels)
+            now = time.monotonic()
+            if now - last_pong > 2 * ping_interval + 1:
+                raise self._redis.ConnectionError(f"no answer to PING for {now - last_pong:.0f}s")
+            if now >= next_ping:
+                pubsub.ping(_PING)
+                next_ping = now + ping_interval
             message = pubsub.get_message(timeout=1.0)
             if message is None:
                 continue
             kind = message["type"]
-            if kind == "message":
+            if kind == "pong":
+                last_pong = time.monotonic()
+            elif kind == "message":
                 self._received(message["data"])
             elif kind == "subscribe":
                 entity = waiting.pop(message["channel"], None)
