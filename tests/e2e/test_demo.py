@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from ..conftest import Server
+from ..brokers import RedisBroker
+from ..conftest import ROOT, Server
 from .conftest import Browsers, screenshot
 
 APP = "example_flask:create_app()"
@@ -195,3 +199,29 @@ def test_the_mutator_changes_item_1_every_second(browsers: Browsers, tmp_path: P
     finally:
         server.stop()
 
+
+
+def test_two_servers_and_a_mutator_process_share_a_redis_bus(browsers: Browsers, tmp_path: Path) -> None:
+    """The README's commands for two servers: flask run and gunicorn on one Redis, plus `flask mutate`."""
+    broker = RedisBroker()
+    db = tmp_path / "items.sqlite"
+    config = {"ENTITYSYNC_BUS_URL": broker.url(), "ENTITYSYNC_TOPIC_PREFIX": f"demo{os.getpid()}-"}
+    one, two = start("flask", db, **config), start("gunicorn", db, **config)
+    try:
+        a, b = browsers.get(0), browsers.get(1)
+        open_page(a, one)
+        open_page(b, two)
+        edit(a, 2, value="via redis")
+        wait(b, lambda d: text(d, "#item-2 .value") == "via redis", LIVE, "the edit to cross servers")
+        env = dict(os.environ, **{f"FLASK_{k}": json.dumps(v) for k, v in {"DATABASE": str(db), **config}.items()})
+        mutator = subprocess.Popen([sys.executable, "-m", "flask", "--app", "example_flask", "mutate"],
+                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait(b, lambda d: text(d, "#item-1 .value").count(":") == 2, 5, "the mutator's change on server two")
+            wait(a, lambda d: text(d, "#item-1 .value").count(":") == 2, LIVE, "the mutator's change on server one")
+        finally:
+            mutator.terminate()
+            mutator.wait(timeout=10)
+    finally:
+        one.stop()
+        two.stop()
