@@ -9,11 +9,15 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
+from hashlib import sha256
+from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from flask import Blueprint, Flask, current_app, has_app_context, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
+from werkzeug.wrappers import Response
 
 from . import _runtime
 from . import protocol as p
@@ -56,7 +60,8 @@ class EntitySync:
     Configuration keys, read by :meth:`init_app` (defaults in brackets):
 
     ``ENTITYSYNC_PATH`` [``"/ws/entity-sync/"``]
-        URL of the websocket endpoint.
+        URL of the websocket endpoint. The browser client is served at this
+        path plus ``client.js`` (a plain script) and ``client.mjs`` (an ES module).
     ``ENTITYSYNC_BUS_URL`` [``"memory://"``]
         The bus between servers. ``memory://`` reaches only this process.
     ``ENTITYSYNC_PUSH_ON_SUBSCRIBE`` [``True``]
@@ -93,7 +98,7 @@ class EntitySync:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Register the extension and its websocket route on ``app``."""
+        """Register the extension, its websocket route and the browser client on ``app``."""
         if EXTENSION_NAME in app.extensions:
             raise ConfigError(
                 "EntitySync is already registered on this app; call init_app once per app"
@@ -106,6 +111,8 @@ class EntitySync:
         if not settings.compression:
             blueprint.before_request(_refuse_compression)
         Sock().route(settings.path, bp=blueprint)(self._serve)
+        blueprint.add_url_rule(settings.path + "client.js", "client_js", _client_script)
+        blueprint.add_url_rule(settings.path + "client.mjs", "client_mjs", _client_module)
         app.register_blueprint(blueprint)
         app.extensions[EXTENSION_NAME] = state
         self._states[app] = state
@@ -245,6 +252,36 @@ class EntitySync:
             pass
         finally:
             conn.close()
+
+
+_CLIENT_JS = Path(__file__).with_name("static") / "entitysync.js"
+_MODULE_EXPORTS = "\nEntitySync.src = import.meta.url;\nexport { EntitySync };\nexport default EntitySync;\n"
+
+
+@lru_cache(maxsize=2)
+def _client_source(module: bool) -> str:
+    source = _CLIENT_JS.read_text(encoding="utf-8")
+    return source + _MODULE_EXPORTS if module else source
+
+
+def _client_response(module: bool) -> Response:
+    source = _client_source(module)
+    response = current_app.response_class(source, mimetype="text/javascript")
+    response.set_etag(sha256(source.encode()).hexdigest()[:32])
+    # The URL does not change when the package is upgraded: browsers keep
+    # the file but revalidate it, which costs a 304 while it is unchanged.
+    response.cache_control.no_cache = True
+    return response.make_conditional(request)
+
+
+def _client_script() -> Response:
+    """The browser client as a plain script defining the global ``EntitySync``."""
+    return _client_response(module=False)
+
+
+def _client_module() -> Response:
+    """The browser client as an ES module exporting ``EntitySync``."""
+    return _client_response(module=True)
 
 
 def _refuse_compression() -> None:

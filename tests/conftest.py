@@ -52,7 +52,7 @@ class Server:
 
     def __init__(self, kind: str, config: dict[str, Any], app: str = "tests.server_app:create_app()",
                  ready_path: str = "/_t/stats", extra_args: tuple[str, ...] = (),
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, port: int = 0):
         self.kind = kind
         self.ready_path = ready_path
         self.config = config
@@ -65,11 +65,11 @@ class Server:
         env.update(extra_env or {})
         if kind == "gunicorn":
             cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
-                   "-b", "127.0.0.1:0", "--graceful-timeout", "2", *_gunicorn_flags(), *extra_args, app]
+                   "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", *_gunicorn_flags(), *extra_args, app]
             pattern = r"Listening at: http://127\.0\.0\.1:(\d+)"
         elif kind == "flask":
             cmd = [sys.executable, "-m", "flask", "--app", app.removesuffix("()"), "run",
-                   "--host", "127.0.0.1", "--port", "0", "--with-threads", "--no-reload"]
+                   "--host", "127.0.0.1", "--port", str(port), "--with-threads", "--no-reload"]
             pattern = r"Running on http://127\.0\.0\.1:(\d+)"
         else:  # pragma: no cover
             raise ValueError(kind)

@@ -22,7 +22,7 @@ from collections import Counter
 from contextlib import closing
 from typing import Any
 
-from flask import Flask, jsonify, request
+from flask import Flask, jsonify, request, url_for
 
 from entitysync_sync import EntityKey, EntitySync
 
@@ -204,6 +204,11 @@ def create_app() -> Flask:
     @app.get("/_t/messages")
     def get_messages() -> Any:
         return jsonify(messages)
+
+    @app.get("/_t/page")
+    def blank_page() -> Any:
+        """A page that loads the browser client, for the browser tests."""
+        return f'<!doctype html><title>client</title><script src="{url_for("entitysync.client_js")}"></script>'
 
     @app.get("/_t/stats")
     def stats() -> Any:

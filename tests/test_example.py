@@ -33,8 +33,10 @@ def test_the_seed_frames_work_unchanged_against_the_example(example: Server, cli
     client.send('{"action":"subscribe","body":{"entity":"items","id":"1"}}')
     first = client.expect_push("items", "1")
     assert first["name"] == "apples"
+    assert client.expect_push("items", "1") == {"type": "user", "id": "alice", "name": "Alice Archer"}
     update(example, 1, first["value"] + "!")
-    assert client.expect_push("items", "1") == {"id": 1, "name": "apples", "value": first["value"] + "!"}
+    assert client.expect_push("items", "1") == {**first, "value": first["value"] + "!"}
+    assert client.expect_push("items", "1") == {"type": "user", "id": "alice", "name": "Alice Archer"}
     client.send('{"action":"unsubscribe","body":{"entity":"items","id":"1"}}')
     client.send('{"action":"subscribe","body":{"entity":"items","id":"999"}}')
     assert client.recv() == {"action": "gone", "key": {"entity": "items", "id": "999"}}
@@ -45,4 +47,5 @@ def test_the_seed_frames_work_unchanged_against_the_example(example: Server, cli
 def test_the_example_page_renders_the_items(example: Server) -> None:
     with urllib.request.urlopen(example.http + "/", timeout=10) as resp:
         page = resp.read().decode()
-    assert "apples" in page and "/ws/entity-sync/" in page
+    assert "apples" in page and "/ws/entity-sync/client.js" in page
+    assert "plums" not in page  # private: only its owner and admin see it

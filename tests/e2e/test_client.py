@@ -1,0 +1,150 @@
+"""The browser client (entitysync.js) in real headless Chromium against real servers.
+
+Each test loads a blank page of ``tests.server_app`` that loads the client
+from the extension, then drives it with injected scripts that record every
+state change, push, gone and error in ``window.log``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ..conftest import Server, wait_for
+from .conftest import Browsers
+
+HARNESS = """
+window.log = [];
+window.es = new EntitySync(arguments[0], arguments[1]);
+es.on("state", (state) => log.push({state}));
+window.sub = (entity, id) => es.subscribe(entity, id, {
+  onPush: (row) => log.push({push: entity + "/" + id, row}),
+  onGone: () => log.push({gone: entity + "/" + id}),
+  onError: (error) => log.push({error: entity + "/" + id, code: error.code}),
+});
+"""
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """A server for this module alone, so its connection count is ours to read."""
+    server = Server("gunicorn", {})
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def page(server: Server, browsers: Browsers) -> Any:
+    wait_for(lambda: server.stats()["connections"] == 0, message="the previous test's pages to disconnect")
+    driver = browsers.get(0)
+    driver.get(server.http + "/_t/page")
+    return driver
+
+
+def start(driver: Any, url: str | None = None, **options: Any) -> None:
+    driver.execute_script(HARNESS, url, options)
+    log_until(driver, lambda e: e.get("state") == "open")
+
+
+def log(driver: Any) -> list[dict[str, Any]]:
+    return driver.execute_script("return log")  # type: ignore[no-any-return]
+
+
+def log_until(driver: Any, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """Wait for a log entry matching ``predicate``, and return it."""
+    found = wait_for(lambda: [e for e in log(driver) if predicate(e)], timeout=timeout,
+                     message="a matching entry in the page's log")
+    return found[0]  # type: ignore[no-any-return]
+
+
+def pushes(driver: Any, key: str) -> list[Any]:
+    return [e["row"] for e in log(driver) if e.get("push") == key]
+
+
+def test_the_default_url_is_the_path_the_script_came_from(page: Any, server: Server, uid: str) -> None:
+    start(page)
+    assert page.execute_script("return es.url") == f"ws://127.0.0.1:{server.port}/ws/entity-sync/"
+    assert page.execute_script("return es.state") == "open"
+    server.set("items", uid, "first")
+    page.execute_script("sub('items', arguments[0])", uid)
+    log_until(page, lambda e: e.get("row") == {"id": uid, "value": "first"})
+    server.set("items", uid, "second")
+    log_until(page, lambda e: e.get("row") == {"id": uid, "value": "second"})
+    server.post(f"/_t/delete/items/{uid}")
+    log_until(page, lambda e: e.get("gone") == f"items/{uid}")
+
+
+def test_the_es_module_form_exports_the_same_client(page: Any, server: Server, uid: str) -> None:
+    server.set("items", uid, "from a module")
+    url, row = page.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        import("/ws/entity-sync/client.mjs").then(({EntitySync, default: Default}) => {
+          if (EntitySync !== Default) return done(["exports differ", null]);
+          const es = new EntitySync();
+          es.subscribe("items", arguments[0], {onPush: (row) => { es.close(); done([es.url, row]); }});
+        });""", uid)
+    assert url == f"ws://127.0.0.1:{server.port}/ws/entity-sync/"
+    assert row == {"id": uid, "value": "from a module"}
+
+
+def test_unsubscribe_stops_pushes_once_the_last_subscription_goes(page: Any, server: Server, uid: str) -> None:
+    start(page)
+    server.set("items", uid, 0)
+    page.execute_script("window.one = sub('items', arguments[0]); window.two = sub('items', arguments[0])", uid)
+    wait_for(lambda: len(pushes(page, f"items/{uid}")) >= 2, message="a push for each subscription")
+    page.execute_script("one.unsubscribe()")
+    server.set("items", uid, 1)
+    log_until(page, lambda e: e.get("row") == {"id": uid, "value": 1})
+    page.execute_script("two.unsubscribe()")
+    wait_for(lambda: server.stats()["subscriptions"] == 0, message="the server to drop the subscription")
+    server.set("items", uid, 2)
+    # A change made after it on another key arrives; the unsubscribed key's never does.
+    page.execute_script("sub('items', arguments[0])", uid + "x")
+    server.set("items", uid + "x", "later")
+    log_until(page, lambda e: e.get("row") == {"id": uid + "x", "value": "later"})
+    assert {"id": uid, "value": 2} not in pushes(page, f"items/{uid}")
+
+
+def test_the_secret_is_sent_and_set_secret_retries_what_it_forbade(page: Any, server: Server, uid: str) -> None:
+    start(page, None, secret="user-1")
+    page.execute_script("sub('whoami', arguments[0]); sub('private', arguments[0])", uid)
+    assert log_until(page, lambda e: e.get("push") == f"whoami/{uid}")["row"]["secret"] == "user-1"
+    assert log_until(page, lambda e: e.get("error") == f"private/{uid}")["code"] == "forbidden"
+    page.execute_script("es.setSecret('admin-1')")
+    assert log_until(page, lambda e: e.get("push") == f"private/{uid}")["row"] == {"id": uid, "for": "admin-1"}
+    log_until(page, lambda e: e.get("row", {}).get("secret") == "admin-1")
+
+
+def test_close_disconnects_for_good(page: Any, server: Server) -> None:
+    start(page)
+    wait_for(lambda: server.stats()["connections"] == 1, message="the page's connection")
+    page.execute_script("es.close()")
+    assert page.execute_script("return es.state") == "closed"
+    wait_for(lambda: server.stats()["connections"] == 0, message="the server to see the close")
+    assert [e["state"] for e in log(page) if "state" in e][-1] == "closed"
+
+
+def test_a_dead_connection_is_detected_and_replaced(browsers: Browsers, uid: str) -> None:
+    """A paused server keeps its TCP connections open but answers nothing."""
+    server = Server("flask", {})
+    try:
+        page = browsers.get(0)
+        page.get(server.http + "/_t/page")
+        start(page, None, secret="s1", heartbeat=300, timeout=500, minDelay=100, maxDelay=400)
+        page.execute_script("sub('whoami', arguments[0])", uid)
+        log_until(page, lambda e: e.get("push") == f"whoami/{uid}")
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            log_until(page, lambda e: e.get("state") == "closed", timeout=5)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        # It reconnects and sends the secret and the subscription again.
+        server.set("whoami", uid, "after")
+        log_until(page, lambda e: e.get("row") == {"id": uid, "secret": "s1", "value": "after"})
+        assert page.execute_script("return es.state") == "open"
+    finally:
+        server.stop()

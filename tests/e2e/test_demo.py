@@ -1,0 +1,227 @@
+"""The demo app (example_flask) in real headless Chromium, under real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..brokers import RedisBroker
+from ..conftest import ROOT, Server
+from .conftest import Browsers, screenshot
+
+APP = "example_flask:create_app()"
+LIVE = 2.0  # seconds within which an edit in one page must show in another
+FORBIDDEN = {"code": "forbidden", "message": "not allowed to subscribe to items/3"}
+
+
+def start(kind: str, db: Path, port: int = 0, **config: Any) -> Server:
+    return Server(kind, {"DATABASE": str(db), **config}, app=APP, ready_path="/", port=port)
+
+
+def post(server: Server, path: str, body: Any = None) -> None:
+    req = urllib.request.Request(server.http + path, data=json.dumps(body or {}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert json.loads(resp.read()) == {"ok": True}
+
+
+@pytest.fixture(scope="module", params=["flask", "gunicorn"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def demo(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start(kind, tmp_path_factory.mktemp("demo") / "items.sqlite")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh(demo: Server) -> Server:
+    """The demo server with its rows as they were at the start."""
+    post(demo, "/reset")
+    return demo
+
+
+def wait(driver: Any, condition: Any, timeout: float = 10.0, message: str = "") -> Any:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # A page that reloads while it is read raises these: read it again.
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    return WebDriverWait(driver, timeout, ignored_exceptions=ignored).until(condition, message)
+
+
+def text(driver: Any, selector: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.CSS_SELECTOR, selector).text)
+
+
+def received(driver: Any, id: str) -> list[dict[str, Any]]:
+    return driver.execute_script("return demo.received.filter(r => r.id === arguments[0])", id)  # type: ignore[no-any-return]
+
+
+def open_page(driver: Any, server: Server, user: str | None = None) -> None:
+    """Load the demo page (as ``user``), connected and holding each row's current state."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(server.http + "/")
+    if user is not None:
+        from selenium.webdriver.support.expected_conditions import staleness_of
+
+        before = driver.find_element(By.ID, "user")
+        driver.find_element(By.CSS_SELECTOR, f'.who button[value="{user}"]').click()
+        wait(driver, staleness_of(before), message="the page to reload")
+        wait(driver, lambda d: text(d, "#user") == user, message=f"signed in as {user}")
+    wait(driver, lambda d: text(d, "#state") == "open", message="the connection indicator to say open")
+    ids = [tr.get_attribute("data-id") for tr in driver.find_elements(By.CSS_SELECTOR, "#items tr[data-id]")]
+    wait(driver, lambda d: all(received(d, id) for id in ids), message="the first push of every row")
+
+
+def edit(driver: Any, item: int, **fields: str) -> None:
+    """Edit an item with the page's form and save it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver.find_element(By.CSS_SELECTOR, f"#item-{item} button.edit").click()
+    wait(driver, lambda d: text(d, "#edit-id") == str(item))
+    for name, value in fields.items():
+        element = driver.find_element(By.CSS_SELECTOR, f"#edit [name={name}]")
+        if element.tag_name == "select":
+            Select(element).select_by_value(value)
+        else:
+            element.clear()
+            element.send_keys(value)
+    driver.find_element(By.CSS_SELECTOR, "#edit button").click()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_an_edit_in_one_page_shows_in_the_other(fresh: Server, browsers: Browsers) -> None:
+    a, b = browsers.get(0), browsers.get(1)
+    open_page(a, fresh)
+    open_page(b, fresh)
+    edit(a, 1, value="42 crates", owner="bob")
+    wait(b, lambda d: text(d, "#item-1 .value") == "42 crates", LIVE, "the edit to reach the other page")
+    wait(b, lambda d: text(d, "#item-1 .owner") == "Bob Baker", LIVE, "the new owner to reach the other page")
+    wait(a, lambda d: text(d, "#edit-status") == "saved")
+    assert text(a, "#item-1 .value") == "42 crates"
+    # One push carries two rows: the item and its owner.
+    rows = [r["row"] for r in received(b, "1") if "row" in r]
+    assert {"type": "user", "id": "bob", "name": "Bob Baker"} in rows
+    assert any(row["type"] == "item" and row["value"] == "42 crates" for row in rows)
+    screenshot(b, f"demo-two-pages-{fresh.kind}")
+
+
+def test_a_deleted_item_shows_as_gone(fresh: Server, browsers: Browsers) -> None:
+    from selenium.webdriver.common.by import By
+
+    a, b = browsers.get(0), browsers.get(1)
+    open_page(a, fresh)
+    open_page(b, fresh)
+    a.find_element(By.CSS_SELECTOR, "#item-2 form.delete button").click()
+    wait(b, lambda d: "gone" in d.find_element(By.ID, "item-2").get_attribute("class"), LIVE, "item 2 gone")
+    assert text(b, "#item-2 .value") == "deleted"
+    assert {"id": "2", "gone": True} in received(b, "2")
+    post(fresh, "/reset")  # the item comes back, and so does its row
+    wait(b, lambda d: text(d, "#item-2 .value") == "5", LIVE, "item 2 back")
+    assert "gone" not in b.find_element(By.ID, "item-2").get_attribute("class")
+
+
+def test_a_user_never_receives_an_item_they_may_not_see(fresh: Server, browsers: Browsers) -> None:
+    alice, bob = browsers.get(0), browsers.get(1)
+    open_page(alice, fresh, user="alice")
+    open_page(bob, fresh, user="bob")
+    assert text(alice, "#item-3 .name") == "plums"  # alice's private item
+    assert "plums" not in bob.page_source
+    # Bob's page asks for it anyway, and is refused.
+    bob.execute_script("""demo.es.subscribe("items", "3", {
+        onPush: (row) => demo.received.push({id: "3", row}),
+        onError: (error) => demo.received.push({id: "3", error})})""")
+    wait(bob, lambda d: received(d, "3"), message="an answer to bob's subscribe")
+    assert received(bob, "3") == [{"id": "3", "error": FORBIDDEN}]
+    edit(alice, 3, value="secret plums")
+    wait(alice, lambda d: text(d, "#item-3 .value") == "secret plums", LIVE)
+    # A later change that bob may see reaches him: the earlier one had its chance.
+    edit(alice, 1, value="public apples")
+    wait(bob, lambda d: text(d, "#item-1 .value") == "public apples", LIVE)
+    assert received(bob, "3") == [{"id": "3", "error": FORBIDDEN}]
+    assert "secret plums" not in bob.page_source
+
+
+def test_the_page_reconnects_after_a_restart_and_shows_what_changed_meanwhile(
+    kind: str, browsers: Browsers, tmp_path: Path
+) -> None:
+    db, port = tmp_path / "items.sqlite", free_port()
+    server = start(kind, db, port)
+    try:
+        page = browsers.get(0)
+        open_page(page, server)
+        server.stop()
+        wait(page, lambda d: text(d, "#state") != "open", message="the page to notice the server is gone")
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE items SET value = 'changed while down' WHERE id = 1")
+        server = start(kind, db, port)
+        wait(page, lambda d: text(d, "#item-1 .value") == "changed while down", 20, "the change made while down")
+        assert text(page, "#state") == "open"
+    finally:
+        server.stop()
+
+
+def test_the_mutator_changes_item_1_every_second(browsers: Browsers, tmp_path: Path) -> None:
+    server = start("gunicorn", tmp_path / "items.sqlite", EXAMPLE_MUTATE=True)
+    try:
+        page = browsers.get(0)
+        open_page(page, server, user="admin")
+        values = [text(page, "#item-1 .value")]
+        for _ in range(2):
+            values.append(wait(page, lambda d: (v := text(d, "#item-1 .value")) != values[-1] and v, 3,
+                               "the mutator's next change"))
+        assert all(len(v) == 8 and v.count(":") == 2 for v in values[1:]), values  # HH:MM:SS
+        assert len(page.find_elements("css selector", "#items tr[data-id]")) == 4  # admin sees every item
+        screenshot(page, "demo")
+    finally:
+        server.stop()
+
+
+
+def test_two_servers_and_a_mutator_process_share_a_redis_bus(browsers: Browsers, tmp_path: Path) -> None:
+    """The README's commands for two servers: flask run and gunicorn on one Redis, plus `flask mutate`."""
+    broker = RedisBroker()
+    db = tmp_path / "items.sqlite"
+    config = {"ENTITYSYNC_BUS_URL": broker.url(), "ENTITYSYNC_TOPIC_PREFIX": f"demo{os.getpid()}-"}
+    one, two = start("flask", db, **config), start("gunicorn", db, **config)
+    try:
+        a, b = browsers.get(0), browsers.get(1)
+        open_page(a, one)
+        open_page(b, two)
+        edit(a, 2, value="via redis")
+        wait(b, lambda d: text(d, "#item-2 .value") == "via redis", LIVE, "the edit to cross servers")
+        env = dict(os.environ, **{f"FLASK_{k}": json.dumps(v) for k, v in {"DATABASE": str(db), **config}.items()})
+        mutator = subprocess.Popen([sys.executable, "-m", "flask", "--app", "example_flask", "mutate"],
+                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait(b, lambda d: text(d, "#item-1 .value").count(":") == 2, 5, "the mutator's change on server two")
+            wait(a, lambda d: text(d, "#item-1 .value").count(":") == 2, LIVE, "the mutator's change on server one")
+        finally:
+            mutator.terminate()
+            mutator.wait(timeout=10)
+    finally:
+        one.stop()
+        two.stop()
