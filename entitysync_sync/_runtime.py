@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 def gevent_active() -> bool:
@@ -36,6 +38,63 @@ def spawn(fn: Callable[..., Any], *args: Any, name: str = "entitysync") -> None:
         gevent.spawn_raw(fn, *args)
     else:
         threading.Thread(target=fn, args=args, name=name, daemon=True).start()
+
+
+def spawn_later(seconds: float, fn: Callable[..., Any], *args: Any) -> None:
+    """Run ``fn(*args)`` after ``seconds``, in a greenlet or a daemon timer thread."""
+    if gevent_active():
+        import gevent
+
+        gevent.spawn_later(seconds, fn, *args)
+    else:
+        timer = threading.Timer(seconds, fn, args)
+        timer.daemon = True
+        timer.start()
+
+
+def call_with_timeout(seconds: float, exc: BaseException, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, or raise ``exc`` if it has not returned after ``seconds`` (0: no limit).
+
+    Under gevent the call is interrupted at its next blocking operation (a
+    database query on a patched socket, say). Real threads cannot be
+    interrupted: the call goes on in a thread of its own and its result is
+    abandoned, which is good enough for the development server.
+    """
+    if not seconds:
+        return fn(*args)
+    if gevent_active():
+        import gevent
+
+        # gevent.Timeout is a BaseException, so the app's own `except Exception`
+        # cannot swallow it; it becomes ``exc`` only out here.
+        timer = gevent.Timeout(seconds)
+        timer.start()
+        try:
+            return fn(*args)
+        except gevent.Timeout as fired:
+            if fired is not timer:
+                raise
+            raise exc from None
+        finally:
+            timer.close()
+    box: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box.append((True, fn(*args)))
+        except BaseException as error:  # handed to the caller
+            box.append((False, error))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="entitysync-fetch", daemon=True).start()
+    if not done.wait(seconds):
+        raise exc
+    ok, value = box[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value
 
 
 class WakeEvent(Protocol):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _runtime
 from . import protocol as p
-from .exceptions import ProtocolError
+from .exceptions import FetchTimeoutError, ProtocolError
 from .keys import EntityKey
 
 if TYPE_CHECKING:
@@ -43,6 +43,9 @@ class Transport(Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """Close without waiting on the peer; wakes anything blocked on the socket."""
+
+    def ping(self) -> bool:
+        """Send a ping; False if the previous one was never answered (the peer is gone)."""
 
 
 class Handlers(Protocol):
@@ -69,6 +72,12 @@ class ConnectionLimits:
     outbox_limit: int = 1 << 20
     push_on_subscribe: bool = True
     envelope: bool = True
+    #: Client frames per second allowed on average (0: no limit) ...
+    rate_limit: float = 0.0
+    #: ... and at once, after a quiet spell.
+    rate_burst: int = 2000
+    #: Longest pause, in seconds, between retries of a failed fetch (0: no retries).
+    fetch_retry_max: float = 0.0
 
 
 class Connection:
@@ -99,6 +108,9 @@ class Connection:
         self._outbox: deque[str] = deque()
         self._outbox_size = 0
         self._working = False
+        self._failures: dict[EntityKey, int] = {}
+        self._tokens = float(limits.rate_burst)
+        self._tokens_at = time.monotonic()
         #: Set once the connection is closed; it then does nothing more.
         self.closed = False
         #: The close code and reason the server chose, if it closed first.
@@ -123,6 +135,9 @@ class Connection:
         """Handle one frame from the client; never raises for bad input."""
         if self.closed:
             return
+        if self._limits.rate_limit and not self._take_token():
+            self.close(p.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+            return
         try:
             msg = p.decode_client_frame(data)
         except ProtocolError as exc:
@@ -136,6 +151,17 @@ class Connection:
             self._set_secret(msg.secret, msg.ref)
         else:
             self._pass_through(msg.raw)
+
+    def _take_token(self) -> bool:
+        # A token bucket: rate_burst frames at once, refilled at rate_limit per second.
+        now = time.monotonic()
+        limits = self._limits
+        self._tokens = min(float(limits.rate_burst), self._tokens + (now - self._tokens_at) * limits.rate_limit)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     def _subscribe(self, key: EntityKey, ref: p.Ref) -> None:
         if not self._handlers.has_entity(key.entity):
@@ -179,6 +205,7 @@ class Connection:
         with self._lock:
             self._subscriptions.discard(key)
             self._pending.pop(key, None)
+            self._failures.pop(key, None)
         self._hub.unsubscribe(self, key)
         self._ack(ref)
 
@@ -294,12 +321,11 @@ class Connection:
     def _refresh(self, key: EntityKey, secret: Any, generation: int) -> None:
         try:
             rows = self._handlers.fetch(key, secret)
-        except Exception:
-            log.exception("fetch of %s failed", key)
-            frames = [p.encode_error(p.FETCH_FAILED, f"fetching {key} failed", None, key)]
-            if not self._limits.envelope:
-                frames = []
+        except Exception as exc:
+            frames = self._fetch_failed(key, exc)
         else:
+            with self._lock:
+                self._failures.pop(key, None)
             if not self._limits.envelope:
                 frames = rows or []
             elif rows is None:
@@ -311,6 +337,43 @@ class Connection:
                 return  # unsubscribed, or fetched with a secret that is no longer current
             self._outbox.extend(frames)
             self._outbox_size += sum(map(len, frames))
+
+    def _fetch_failed(self, key: EntityKey, exc: Exception) -> list[str]:
+        """Log, schedule a retry with backoff, and tell the client once per run of failures."""
+        with self._lock:
+            attempt = self._failures[key] = self._failures.get(key, 0) + 1
+        timed_out = isinstance(exc, FetchTimeoutError)
+        what = "timed out" if timed_out else "failed"
+        if attempt == 1:
+            if timed_out:
+                log.warning("fetch of %s %s", key, exc)
+            else:
+                log.error("fetch of %s failed", key, exc_info=exc)
+        else:
+            log.debug("fetch of %s %s again (attempt %d): %r", key, what, attempt, exc)
+        retry_max = self._limits.fetch_retry_max
+        if retry_max:
+            _runtime.spawn_later(min(retry_max, 0.5 * 2 ** (attempt - 1)), self._retry, key)
+        if attempt > 1 or not self._limits.envelope:
+            return []
+        return [p.encode_error(p.FETCH_FAILED, f"fetching {key} {what}", None, key)]
+
+    def _retry(self, key: EntityKey) -> None:
+        with self._lock:
+            failing = key in self._failures
+        if failing:
+            self.request_refresh(key)
+
+    def heartbeat(self) -> None:
+        """Ping the client; close the connection if it never answered the last ping."""
+        if self.closed:
+            return
+        try:
+            alive = self._transport.ping()
+        except Exception:
+            alive = False
+        if not alive:
+            self.close(p.CLOSE_POLICY_VIOLATION, "ping timeout")
 
     # -- lifecycle -------------------------------------------------------------
 

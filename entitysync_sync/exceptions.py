@@ -45,3 +45,7 @@ class ProtocolError(EntitySyncError):
 
     def __repr__(self) -> str:
         return f"ProtocolError({self.code!r}, {self.message!r})"
+
+
+class FetchTimeoutError(EntitySyncError, TimeoutError):
+    """A fetch took longer than ``ENTITYSYNC_FETCH_TIMEOUT`` and was abandoned."""

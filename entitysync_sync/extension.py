@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from hashlib import sha256
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
+from urllib.parse import urlsplit
 
-from flask import Blueprint, Flask, current_app, has_app_context, request
+from flask import Blueprint, Flask, abort, current_app, has_app_context, request
 from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 from werkzeug.wrappers import Response
@@ -23,7 +26,7 @@ from . import _runtime
 from . import protocol as p
 from .bus import Bus, MemoryBus, bus_from_url
 from .connection import Connection, ConnectionLimits
-from .exceptions import ConfigError, UnknownEntityError
+from .exceptions import ConfigError, FetchTimeoutError, UnknownEntityError
 from .hub import Hub
 from .keys import EntityKey, IdLike, as_key, validate_entity
 from .settings import Settings, load_settings
@@ -108,6 +111,7 @@ class EntitySync:
         settings = load_settings(app.config)
         state = _State(self, app, settings, self._bus)
         blueprint = Blueprint("entitysync", __name__)
+        blueprint.before_request(partial(_check_origin, settings.allowed_origins))
         if not settings.compression:
             blueprint.before_request(_refuse_compression)
         Sock().route(settings.path, bp=blueprint)(self._serve)
@@ -220,7 +224,7 @@ class EntitySync:
     def _serve(self, ws: Any) -> None:
         state = self._states[current_app._get_current_object()]  # type: ignore[attr-defined]
         transport = WebSocketTransport(ws, state.settings.max_message_bytes)
-        if state.closed:
+        if state.closed or state.draining:
             transport.close(p.CLOSE_GOING_AWAY, "server shutting down")
             return
         state.ensure_started()
@@ -252,6 +256,7 @@ class EntitySync:
             pass
         finally:
             conn.close()
+            transport.drain()
 
 
 _CLIENT_JS = Path(__file__).with_name("static") / "entitysync.js"
@@ -284,6 +289,43 @@ def _client_module() -> Response:
     return _client_response(module=True)
 
 
+def _check_origin(allowed: frozenset[str] | None) -> None:
+    """Refuse (HTTP 403) a websocket upgrade from a page of another origin.
+
+    Browsers send ``Origin`` with every websocket handshake and attach the
+    site's cookies whatever page opens the socket, so without this check any
+    site could open a socket with a visitor's session (cross-site websocket
+    hijacking). Same origin means the same host and port as the ``Host``
+    header. Requests without ``Origin`` (not from a browser) are allowed.
+    """
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return
+    origin = request.headers.get("Origin")
+    if origin is None or _same_origin(origin, request.host):
+        return
+    if allowed is not None and ("*" in allowed or origin.rstrip("/").lower() in allowed):
+        return
+    log.warning("refused a websocket upgrade from origin %r (see ENTITYSYNC_ALLOWED_ORIGINS)", origin[:200])
+    abort(403)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    try:
+        parts = urlsplit(origin.strip())
+        origin_port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+        target = urlsplit("//" + host)
+        target_port = target.port
+    except ValueError:
+        return False
+    if not parts.hostname or parts.hostname != target.hostname:
+        return False
+    # The Host header omits the default port of whichever scheme the client used.
+    return (target_port is None and origin_port in (80, 443)) or target_port == origin_port
+
+
 def _refuse_compression() -> None:
     # Without an offer in the handshake, simple-websocket cannot negotiate permessage-deflate.
     request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
@@ -304,10 +346,15 @@ class _State:
             outbox_limit=settings.outbox_limit,
             push_on_subscribe=settings.push_on_subscribe,
             envelope=settings.envelope,
+            rate_limit=settings.rate_limit,
+            rate_burst=settings.rate_burst,
+            fetch_retry_max=settings.fetch_retry_max,
         )
         self._lock = threading.Lock()
         self._started_in: int | None = None  # the pid that started the bus
         self.closed = False
+        #: Set when the server shuts down: websockets are closed, notify still works.
+        self.draining = False
 
     def _make_bus(self) -> Bus:
         return bus_from_url(self.settings.bus_url, buffer_size=self.settings.publish_buffer,
@@ -339,8 +386,11 @@ class _State:
                 self.bus = self._make_bus()
                 self.hub = Hub()
             self.bus.start(self.hub, list(self.ext._entities))
+            atexit.register(self.bus.close)  # a last attempt to publish what is buffered
             _runtime.spawn(self._sweep, name="entitysync-sweeper")
             self._started_in = pid
+            if _runtime.gunicorn_workers() is not None:
+                self._drain_on_shutdown_signals()
         if isinstance(self.bus, MemoryBus):
             workers = _runtime.gunicorn_workers()
             if workers is not None and workers > 1:
@@ -355,9 +405,46 @@ class _State:
 
     def _sweep(self) -> None:
         interval = min(1.0, self.settings.send_timeout / 4)
+        ping_every = self.settings.ping_interval
+        if ping_every:
+            interval = min(interval, ping_every)
+        next_ping = time.monotonic() + ping_every
         while not self.closed:
             time.sleep(interval)
             self.hub.sweep(self.settings.send_timeout)
+            if ping_every and time.monotonic() >= next_ping:
+                next_ping += ping_every
+                self.hub.heartbeat()
+
+    def _drain_on_shutdown_signals(self) -> None:
+        """Close websockets with 1001 as soon as the gunicorn worker is told to stop.
+
+        gunicorn stops accepting and then waits up to ``--graceful-timeout``
+        for open requests; a websocket never ends by itself, so without this
+        its clients would wait that long and then see the connection drop.
+        Closed with 1001, they reconnect at once, to a worker that is staying.
+        """
+        for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
+            previous = signal.getsignal(signum)
+
+            def handler(num: int, frame: Any, previous: Any = previous) -> None:
+                _runtime.spawn(self.drain, name="entitysync-drain")
+                if callable(previous):
+                    previous(num, frame)
+
+            try:
+                signal.signal(signum, handler)
+            except ValueError:  # not the main thread: leave shutdown to the server
+                log.debug("cannot watch shutdown signals from this thread")
+                return
+
+    def drain(self) -> None:
+        """Close every websocket with 1001 and refuse new ones; notify keeps working."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("shutting down: closing %d websocket(s) with 1001", self.hub.connection_count)
+        self.hub.close_all(p.CLOSE_GOING_AWAY, "server shutting down")
 
     def close(self) -> None:
         self.closed = True
@@ -385,6 +472,11 @@ class _State:
         return True
 
     def fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
+        timeout = self.settings.fetch_timeout
+        error = FetchTimeoutError(f"timed out after {timeout:g}s (ENTITYSYNC_FETCH_TIMEOUT)")
+        return _runtime.call_with_timeout(timeout, error, self._fetch, key, secret)
+
+    def _fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
         entity = self.ext._entities[key.entity]
         with self.app.app_context():
             result = entity.fetch(key, secret)

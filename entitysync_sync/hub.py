@@ -25,6 +25,8 @@ class Hub:
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()
         self._subscribers: dict[EntityKey, set[Connection]] = {}
+        #: Rounds of pings sent so far.
+        self.heartbeats = 0
 
     # -- membership ------------------------------------------------------------
 
@@ -83,6 +85,14 @@ class Hub:
             conns = tuple(self._connections)
         for conn in conns:
             conn.check_send_timeout(now, send_timeout)
+
+    def heartbeat(self) -> None:
+        """Ping every connection; those that never answered the last ping are closed."""
+        with self._lock:
+            conns = tuple(self._connections)
+            self.heartbeats += 1
+        for conn in conns:
+            conn.heartbeat()
 
     def close_all(self, code: int, reason: str) -> None:
         """Close every local connection, e.g. when the worker shuts down."""

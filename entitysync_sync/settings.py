@@ -21,6 +21,12 @@ DEFAULTS: dict[str, Any] = {
     "ENTITYSYNC_COMPRESSION": False,
     "ENTITYSYNC_PUBLISH_BUFFER": 10_000,
     "ENTITYSYNC_TOPIC_PREFIX": "",
+    "ENTITYSYNC_ALLOWED_ORIGINS": None,
+    "ENTITYSYNC_PING_INTERVAL": 25.0,
+    "ENTITYSYNC_FETCH_TIMEOUT": 10.0,
+    "ENTITYSYNC_FETCH_RETRY_MAX": 30.0,
+    "ENTITYSYNC_RATE_LIMIT": 200.0,
+    "ENTITYSYNC_RATE_BURST": 2000,
 }
 
 
@@ -39,6 +45,12 @@ class Settings:
     compression: bool
     publish_buffer: int
     topic_prefix: str
+    allowed_origins: frozenset[str] | None
+    ping_interval: float
+    fetch_timeout: float
+    fetch_retry_max: float
+    rate_limit: float
+    rate_burst: int
 
 
 def _bool(config: MutableMapping[str, Any], key: str) -> bool:
@@ -60,6 +72,34 @@ def _positive_number(config: MutableMapping[str, Any], key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}")
     return float(value)
+
+
+def _seconds_or_off(config: MutableMapping[str, Any], key: str) -> float:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{key} must be a number of seconds, or 0 to turn it off, got {value!r}")
+    return float(value)
+
+
+def _rate(config: MutableMapping[str, Any], key: str) -> float:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{key} must be a number of frames per second, or 0 to turn it off, got {value!r}")
+    return float(value)
+
+
+def _origins(config: MutableMapping[str, Any], key: str) -> frozenset[str] | None:
+    value = config[key]
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"{key} must be None (same origin only), '*' or a list of origins such as "
+            f"['https://app.example.com'], got {value!r}"
+        )
+    return frozenset(v.rstrip("/").lower() for v in value)
 
 
 def load_settings(config: MutableMapping[str, Any]) -> Settings:
@@ -84,4 +124,10 @@ def load_settings(config: MutableMapping[str, Any]) -> Settings:
         compression=_bool(config, "ENTITYSYNC_COMPRESSION"),
         publish_buffer=_positive_int(config, "ENTITYSYNC_PUBLISH_BUFFER"),
         topic_prefix=check_topic_prefix(config["ENTITYSYNC_TOPIC_PREFIX"]),
+        allowed_origins=_origins(config, "ENTITYSYNC_ALLOWED_ORIGINS"),
+        ping_interval=_seconds_or_off(config, "ENTITYSYNC_PING_INTERVAL"),
+        fetch_timeout=_seconds_or_off(config, "ENTITYSYNC_FETCH_TIMEOUT"),
+        fetch_retry_max=_seconds_or_off(config, "ENTITYSYNC_FETCH_RETRY_MAX"),
+        rate_limit=_rate(config, "ENTITYSYNC_RATE_LIMIT"),
+        rate_burst=_positive_int(config, "ENTITYSYNC_RATE_BURST"),
     )

@@ -29,6 +29,8 @@ log = logging.getLogger("entitysync_sync")
 #: Seconds a closed connection waits for the peer's close frame before the
 #: socket is shut for reading too.
 CLOSE_LINGER = 2.0
+#: Seconds a close waits for a frame being written to finish before giving up on the close frame.
+CLOSE_WAIT = 1.0
 
 
 class _SerialSocket:
@@ -56,6 +58,7 @@ class WebSocketTransport:
         self._ws = ws
         self._lock = threading.RLock()
         self._raw = ws.sock
+        self._close_sent = False
         ws.sock = _SerialSocket(ws.sock, self._lock)
         if max_message_bytes:
             # Read by simple-websocket on each message; larger ones close with 1009.
@@ -66,23 +69,74 @@ class WebSocketTransport:
         with self._lock:
             self._ws.send(text)
 
-    def close(self, code: int, reason: str) -> None:
-        """Send a close frame if no write is in progress, then shut the socket.
+    def ping(self) -> bool:
+        """Send a ping frame; False if the previous ping was never answered.
 
-        A writer stuck on a stalled client holds the lock mid-frame; a close
-        frame cannot be sent then, so the socket is shut down at once, which
-        wakes the stuck writer and the reader.
+        simple-websocket's reader marks ``pong_received`` when a pong arrives.
+        Never blocks: while a frame is being written no ping is sent.
         """
-        sent = False
+        from wsproto.events import Ping
+
+        ws = self._ws
+        if not self._lock.acquire(blocking=False):
+            return True  # a frame is being written; the send timeout watches that
+        try:
+            if not ws.pong_received:
+                return False
+            ws.pong_received = False
+            ws.sock.send(ws.ws.send(Ping()))
+        finally:
+            self._lock.release()
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame once no write is in progress, then shut the socket.
+
+        Never blocks the caller. If a frame is being written, the close frame
+        follows it; a writer stuck on a stalled client for CLOSE_WAIT seconds
+        gets no close frame: the socket is shut down, which wakes the stuck
+        writer and the reader.
+        """
         if self._lock.acquire(blocking=False):
-            try:
-                if self._ws.connected:
-                    self._ws.close(code, reason)
-                    sent = True
-            except Exception:
-                log.debug("sending a close frame failed", exc_info=True)
-            finally:
-                self._lock.release()
+            self._close_holding_lock(code, reason)
+        else:
+            _runtime.spawn(self._close_after_write, code, reason, name="entitysync-close")
+
+    def _close_after_write(self, code: int, reason: str) -> None:
+        if self._lock.acquire(timeout=CLOSE_WAIT):
+            self._close_holding_lock(code, reason)
+        else:
+            self._shutdown(socket.SHUT_RDWR)
+
+    def drain(self, seconds: float = CLOSE_LINGER) -> None:
+        """After sending a close frame, read and discard until the peer closes, or ``seconds``.
+
+        Closing a socket with unread input makes the kernel reset the
+        connection, and a reset can destroy the close frame before the client
+        reads it; a client that was still sending (a flood, say) would then
+        see no close code. So the handler drains before it returns.
+        """
+        if not self._close_sent:
+            return
+        deadline = time.monotonic() + seconds
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                self._raw.settimeout(remaining)
+                if not self._raw.recv(65536):
+                    return
+        except OSError:
+            return
+
+    def _close_holding_lock(self, code: int, reason: str) -> None:
+        sent = False
+        try:
+            if self._ws.connected:
+                self._ws.close(code, reason)
+                sent = self._close_sent = True
+        except Exception:
+            log.debug("sending a close frame failed", exc_info=True)
+        finally:
+            self._lock.release()
         if sent:
             # Let the peer read the close frame and answer; force it shut later.
             self._shutdown(socket.SHUT_WR)

@@ -13,6 +13,7 @@ import datetime
 import decimal
 import gc
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -69,6 +70,9 @@ class SharedRows:
 
 
 def create_app() -> Flask:
+    level = os.environ.get("ENTITYSYNC_TEST_LOG_LEVEL")
+    if level:  # e.g. DEBUG, to prove that not even debug logs carry secrets
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     app = Flask(__name__)
     app.config.from_prefixed_env()
     es = EntitySync(app)
@@ -106,6 +110,13 @@ def create_app() -> Flask:
     def whoami(key: EntityKey, secret: Any) -> Any:
         count(key)
         return {"id": key.id, "secret": secret, "value": value(key)}
+
+    @es.entity("hang")
+    def hang(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        if value(key) != "ok":
+            time.sleep(3600)  # a database that never answers
+        return {"id": key.id, "value": "ok"}
 
     @es.entity("where")
     def where(key: EntityKey, secret: Any) -> Any:
@@ -177,6 +188,13 @@ def create_app() -> Flask:
         rows[id] = (request.get_json(silent=True) or {}).get("value")
         return {"ok": True}
 
+    @app.get("/_t/slow-notify/<entity>/<id>")
+    def slow_notify(entity: str, id: str) -> Any:
+        app.logger.warning("slow-notify started")
+        time.sleep(1.0)  # long enough for the test to stop the server meanwhile
+        es.notify(entity, id)
+        return {"ok": True}
+
     @app.post("/_t/delete/<entity>/<id>")
     def delete_row(entity: str, id: str) -> Any:
         rows.pop(id, None)
@@ -221,6 +239,7 @@ def create_app() -> Flask:
             "connections": hub.connection_count,
             "subscriptions": hub.subscription_count,
             "keys": hub.key_count,
+            "heartbeats": hub.heartbeats,
             "threads": threading.active_count(),
             "greenlets": sum(
                 1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead
