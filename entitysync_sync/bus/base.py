@@ -56,6 +56,10 @@ class Bus(abc.ABC):
         """Counters and gauges of this bus (names are stable; see the README)."""
         return {}
 
+    def describe(self) -> str:
+        """Where this bus connects, for logs; never includes credentials."""
+        return type(self).__name__
+
 
 class KeyBuffer:
     """A bounded, de-duplicating, thread-safe buffer of keys.

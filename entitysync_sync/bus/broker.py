@@ -78,6 +78,7 @@ class BrokerBus(Bus):
         self._closing: _runtime.WakeEvent | None = None
         self.closed = False
         self.counters: Counter[str] = Counter()
+        self._ever_connected: set[tuple[str | None, str | None]] = set()
 
     # -- the Bus interface -----------------------------------------------------
 
@@ -186,9 +187,17 @@ class BrokerBus(Bus):
         else:
             sink.deliver([message])
 
-    def _connected(self, entity: str | None = None) -> None:
-        """Record a (re)connection of the receiving side and resync what it may have missed."""
+    def _connected(self, entity: str | None = None, where: str | None = None) -> None:
+        """Record a (re)connection of the receiving side and resync what it may have missed.
+
+        ``where`` names the broker connected to, when there are several; a
+        second connection for the same entity and broker counts as a reconnect.
+        """
         self.counters["connects"] += 1
+        if (entity, where) in self._ever_connected:
+            self.counters["reconnects"] += 1
+        else:
+            self._ever_connected.add((entity, where))
         if self._sink is not None and not self.closed:
             self._sink.resync(entity)
 
