@@ -119,3 +119,8 @@ class KeyBuffer:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing waits: no key, and no dropped entity still to resync."""
+        return not self._keys and not self._dropped_entities
