@@ -25,6 +25,7 @@ from werkzeug.wrappers import Response
 from . import _runtime
 from . import protocol as p
 from .bus import Bus, MemoryBus, bus_from_url
+from .cli import cli
 from .connection import Connection, ConnectionLimits
 from .exceptions import ConfigError, FetchTimeoutError, UnknownEntityError
 from .hub import Hub
@@ -119,6 +120,7 @@ class EntitySync:
         blueprint.add_url_rule(settings.path + "client.js", "client_js", _client_script)
         blueprint.add_url_rule(settings.path + "client.mjs", "client_mjs", _client_module)
         app.register_blueprint(blueprint)
+        app.cli.add_command(cli)
         app.extensions[EXTENSION_NAME] = state
         self._states[app] = state
 
