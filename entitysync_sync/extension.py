@@ -227,6 +227,24 @@ class EntitySync:
         state = self._states[app] if app is not None else self._state()
         return collect(state.hub, state.bus, state.metrics)
 
+    def watch(self, model: type[Any], entity: str | Callable[[Any], str] | None = None,
+              id: Callable[[Any], IdLike] | None = None) -> type[Any]:
+        """Notify after every commit that inserted, updated or deleted a ``model`` instance.
+
+        ``entity`` defaults to the table name and ``id`` to the primary key;
+        either may be a callable of the instance. See :mod:`entitysync_sync.orm`.
+        """
+        from .orm import watcher_for
+
+        watcher_for(self).watch(model, entity, id)
+        return model
+
+    def unwatch(self, model: type[Any]) -> None:
+        """Stop notifying for ``model`` (for instance between tests)."""
+        from .orm import watcher_for
+
+        watcher_for(self).unwatch(model)
+
     def close(self, app: Flask | None = None) -> None:
         """Close every local connection with 1001 and stop the bus."""
         (self._states[app] if app is not None else self._state()).close()
