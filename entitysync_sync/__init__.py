@@ -17,6 +17,7 @@ from .exceptions import UnknownEntityError as UnknownEntityError
 from .extension import EntitySync as EntitySync
 from .keys import MAX_ID_LENGTH as MAX_ID_LENGTH
 from .keys import EntityKey as EntityKey
+from .publisher import Publisher as Publisher
 
 __all__ = [
     "MAX_ID_LENGTH",
@@ -30,5 +31,6 @@ __all__ = [
     "InvalidKeyError",
     "MemoryBus",
     "ProtocolError",
+    "Publisher",
     "UnknownEntityError",
 ]

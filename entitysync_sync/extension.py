@@ -25,10 +25,12 @@ from werkzeug.wrappers import Response
 from . import _runtime
 from . import protocol as p
 from .bus import Bus, MemoryBus, bus_from_url
+from .cli import cli
 from .connection import Connection, ConnectionLimits
 from .exceptions import ConfigError, FetchTimeoutError, UnknownEntityError
 from .hub import Hub
-from .keys import EntityKey, IdLike, as_key, validate_entity
+from .keys import EntityKey, IdLike, NotifiedKey, as_key, validate_entity
+from .metrics import MeteredSink, Metrics, collect
 from .settings import Settings, load_settings
 from .transport import WebSocketTransport
 
@@ -118,6 +120,7 @@ class EntitySync:
         blueprint.add_url_rule(settings.path + "client.js", "client_js", _client_script)
         blueprint.add_url_rule(settings.path + "client.mjs", "client_mjs", _client_module)
         app.register_blueprint(blueprint)
+        app.cli.add_command(cli)
         app.extensions[EXTENSION_NAME] = state
         self._states[app] = state
 
@@ -178,7 +181,9 @@ class EntitySync:
 
     def notify_many(self, keys: Iterable[KeyLike]) -> None:
         """:meth:`notify` for several keys (``EntityKey`` or ``(entity, id)`` pairs)."""
-        batch = [key if isinstance(key, EntityKey) else EntityKey(*key) for key in keys]
+        now = time.time()
+        batch = [NotifiedKey.stamp(key if isinstance(key, EntityKey) else EntityKey(*key), now)
+                 for key in keys]
         for key in batch:
             if key.entity not in self._entities:
                 raise UnknownEntityError(
@@ -188,6 +193,7 @@ class EntitySync:
             state = self._state()
             state.ensure_started()
             state.bus.publish(batch)
+            state.metrics.count("notifications_published", len(batch))
 
     # -- state -----------------------------------------------------------------
 
@@ -214,6 +220,30 @@ class EntitySync:
     def bus(self, app: Flask | None = None) -> Bus:
         """The bus of this process (for stats and tests)."""
         return (self._states[app] if app is not None else self._state()).bus
+
+    def stats(self, app: Flask | None = None) -> dict[str, Any]:
+        """Counters and gauges of this process: connections, notifications,
+        fetches, pushes, latencies and the bus (see the README's Observability)."""
+        state = self._states[app] if app is not None else self._state()
+        return collect(state.hub, state.bus, state.metrics)
+
+    def watch(self, model: type[Any], entity: str | Callable[[Any], str] | None = None,
+              id: Callable[[Any], IdLike] | None = None) -> type[Any]:
+        """Notify after every commit that inserted, updated or deleted a ``model`` instance.
+
+        ``entity`` defaults to the table name and ``id`` to the primary key;
+        either may be a callable of the instance. See :mod:`entitysync_sync.orm`.
+        """
+        from .orm import watcher_for
+
+        watcher_for(self).watch(model, entity, id)
+        return model
+
+    def unwatch(self, model: type[Any]) -> None:
+        """Stop notifying for ``model`` (for instance between tests)."""
+        from .orm import watcher_for
+
+        watcher_for(self).unwatch(model)
 
     def close(self, app: Flask | None = None) -> None:
         """Close every local connection with 1001 and stop the bus."""
@@ -341,6 +371,7 @@ class _State:
         self._bus_given = bus is not None
         self.bus = bus if bus is not None else self._make_bus()
         self.hub = Hub()
+        self.metrics = Metrics()
         self.limits = ConnectionLimits(
             max_subscriptions=settings.max_subscriptions,
             outbox_limit=settings.outbox_limit,
@@ -385,8 +416,9 @@ class _State:
                 log.info("process forked after the bus started; starting a fresh bus")
                 self.bus = self._make_bus()
                 self.hub = Hub()
-            self.bus.start(self.hub, list(self.ext._entities))
+            self.bus.start(MeteredSink(lambda: self.hub, self.metrics), list(self.ext._entities))
             atexit.register(self.bus.close)  # a last attempt to publish what is buffered
+            log.info("entitysync started in process %d on %s", pid, self.bus.describe())
             _runtime.spawn(self._sweep, name="entitysync-sweeper")
             self._started_in = pid
             if _runtime.gunicorn_workers() is not None:
@@ -474,7 +506,14 @@ class _State:
     def fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
         timeout = self.settings.fetch_timeout
         error = FetchTimeoutError(f"timed out after {timeout:g}s (ENTITYSYNC_FETCH_TIMEOUT)")
-        return _runtime.call_with_timeout(timeout, error, self._fetch, key, secret)
+        started = time.monotonic()
+        try:
+            rows = _runtime.call_with_timeout(timeout, error, self._fetch, key, secret)
+        except Exception:
+            self.metrics.fetch_failed(started)
+            raise
+        self.metrics.fetched(key, started, None if rows is None else len(rows))
+        return rows
 
     def _fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
         entity = self.ext._entities[key.entity]

@@ -106,3 +106,30 @@ def as_key(key_or_entity: EntityKey | str, id: IdLike | None = None) -> EntityKe
     if id is None:
         raise TypeError(f"an id is needed with the entity name {key_or_entity!r}")
     return EntityKey(key_or_entity, id)
+
+
+class NotifiedKey(EntityKey):
+    """An :class:`EntityKey` that remembers when it was notified.
+
+    ``notified_at`` is the wall-clock time (``time.time()``) of the ``notify``
+    call, carried across the bus so a server can measure how long a
+    notification took to reach its subscribers. It equals and hashes as the
+    plain key, so buffers that de-duplicate keys keep the first, earliest one.
+    """
+
+    __slots__ = ("notified_at",)
+
+    notified_at: float
+
+    def __init__(self, entity: str, id: IdLike, notified_at: float) -> None:
+        super().__init__(entity, id)
+        object.__setattr__(self, "notified_at", float(notified_at))
+
+    @classmethod
+    def stamp(cls, key: EntityKey, notified_at: float) -> NotifiedKey:
+        """``key`` with ``notified_at``, without validating it again."""
+        stamped = cls.__new__(cls)
+        for name in ("entity", "id", "_hash"):
+            object.__setattr__(stamped, name, getattr(key, name))
+        object.__setattr__(stamped, "notified_at", float(notified_at))
+        return stamped

@@ -8,7 +8,9 @@ Three kinds of payload cross the wire:
 * server frames (server to browser), built by the ``encode_*`` functions;
 * bus bodies (server to server), ``{"entity":"items","id":"100"}``, the same
   bytes the Go entity-sync publishes, built by :func:`encode_bus_body` and
-  read by :func:`decode_bus_body`; and ``{"entity":"items","resync":true}``,
+  read by :func:`decode_bus_body`, optionally with ``"t"``, the notify time
+  (Unix seconds) of a :class:`~entitysync_sync.keys.NotifiedKey`, an extra
+  field that Go and older servers ignore; and ``{"entity":"items","resync":true}``,
   built by :func:`encode_bus_resync`, which asks every server to refresh all
   its subscribed keys of one entity (sent after a publisher had to drop
   notifications; a Go node reads it as a key with an empty id and ignores it).
@@ -20,11 +22,12 @@ one of the error codes below.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from .exceptions import InvalidKeyError, ProtocolError
-from .keys import EntityKey, validate_entity
+from .keys import EntityKey, NotifiedKey, validate_entity
 
 # Error codes sent in ``{"action":"error"}`` frames.
 BAD_JSON = "bad_json"
@@ -172,7 +175,13 @@ def encode_error(code: str, message: str, ref: Ref = None, key: EntityKey | None
 
 
 def encode_bus_body(key: EntityKey) -> bytes:
-    """The bus message body for ``key``, byte-compatible with the Go entity-sync."""
+    """The bus message body for ``key``, byte-compatible with the Go entity-sync.
+
+    A :class:`NotifiedKey` adds ``"t"``, its notify time in Unix seconds to
+    the millisecond, so receivers can measure notify-to-push latency.
+    """
+    if isinstance(key, NotifiedKey):
+        return _dumps({"entity": key.entity, "id": key.id, "t": round(key.notified_at, 3)}).encode()
     return encode_key(key).encode()
 
 
@@ -191,7 +200,8 @@ def encode_bus_resync(entity: str) -> bytes:
 def decode_bus_body(body: bytes | str) -> EntityKey | ResyncRequest:
     """Read a bus message body; extra fields are ignored.
 
-    Raises :class:`ProtocolError` (``bad_message``) for anything that is not
+    A body with a numeric ``"t"`` gives a :class:`NotifiedKey` carrying that
+    notify time. Raises :class:`ProtocolError` (``bad_message``) for anything that is not
     a JSON object with a valid entity and either a valid id or ``"resync": true``.
     """
     try:
@@ -203,4 +213,8 @@ def decode_bus_body(body: bytes | str) -> EntityKey | ResyncRequest:
             return ResyncRequest(validate_entity(obj.get("entity")))
         except InvalidKeyError as exc:
             raise ProtocolError(BAD_MESSAGE, str(exc)) from None
-    return _read_key(obj, None)
+    key = _read_key(obj, None)
+    sent = obj.get("t")
+    if isinstance(sent, (int, float)) and not isinstance(sent, bool) and math.isfinite(sent):
+        return NotifiedKey.stamp(key, sent)
+    return key

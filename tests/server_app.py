@@ -228,6 +228,10 @@ def create_app() -> Flask:
         """A page that loads the browser client, for the browser tests."""
         return f'<!doctype html><title>client</title><script src="{url_for("entitysync.client_js")}"></script>'
 
+    @app.get("/_t/es-stats")
+    def es_stats() -> Any:
+        return es.stats()
+
     @app.get("/_t/stats")
     def stats() -> Any:
         from greenlet import greenlet

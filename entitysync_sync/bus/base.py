@@ -56,6 +56,10 @@ class Bus(abc.ABC):
         """Counters and gauges of this bus (names are stable; see the README)."""
         return {}
 
+    def describe(self) -> str:
+        """Where this bus connects, for logs; never includes credentials."""
+        return type(self).__name__
+
 
 class KeyBuffer:
     """A bounded, de-duplicating, thread-safe buffer of keys.
@@ -115,3 +119,8 @@ class KeyBuffer:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing waits: no key, and no dropped entity still to resync."""
+        return not self._keys and not self._dropped_entities

@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import logging
 import random
+import time
 from collections import Counter
 from typing import Iterable, Sequence
 
@@ -78,6 +79,11 @@ class BrokerBus(Bus):
         self._closing: _runtime.WakeEvent | None = None
         self.closed = False
         self.counters: Counter[str] = Counter()
+        self._ever_connected: set[tuple[str | None, str | None]] = set()
+        self._receiving = True
+        self._sending = False
+        #: Why the last publish attempt failed, or None after a success (no credentials).
+        self.last_error: str | None = None
 
     # -- the Bus interface -----------------------------------------------------
 
@@ -95,13 +101,34 @@ class BrokerBus(Bus):
         self._closing = self._executor.event()
         self._executor.spawn(self._run)
 
+    def start_publishing(self) -> None:
+        """Start the publishing side only, for a process that notifies but serves no clients
+        (a script, a task queue worker): it subscribes to nothing and receives nothing."""
+        self._receiving = False
+        self.start(_NoSink(), [])
+
     def add_entity(self, entity: str) -> None:
         self.topic(entity)
         if entity in self._entities:
             return
         self._entities.add(entity)
-        if self._executor is not None:
+        if self._executor is not None and self._receiving:
             self._executor.spawn(self._subscribe, entity)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every key published so far has been sent to the broker.
+
+        Returns False if ``timeout`` seconds pass first (the broker is
+        unreachable, say); the keys then stay buffered and are retried.
+        """
+        deadline = time.monotonic() + timeout
+        if self._wake is not None:
+            self._wake.set()
+        while self._sending or not self._outbox.empty:
+            if time.monotonic() >= deadline or self._wake is None:
+                return False
+            time.sleep(0.01)
+        return True
 
     def publish(self, keys: Sequence[EntityKey]) -> None:
         if self.closed:
@@ -186,9 +213,17 @@ class BrokerBus(Bus):
         else:
             sink.deliver([message])
 
-    def _connected(self, entity: str | None = None) -> None:
-        """Record a (re)connection of the receiving side and resync what it may have missed."""
+    def _connected(self, entity: str | None = None, where: str | None = None) -> None:
+        """Record a (re)connection of the receiving side and resync what it may have missed.
+
+        ``where`` names the broker connected to, when there are several; a
+        second connection for the same entity and broker counts as a reconnect.
+        """
         self.counters["connects"] += 1
+        if (entity, where) in self._ever_connected:
+            self.counters["reconnects"] += 1
+        else:
+            self._ever_connected.add((entity, where))
         if self._sink is not None and not self.closed:
             self._sink.resync(entity)
 
@@ -201,7 +236,8 @@ class BrokerBus(Bus):
     def _run(self) -> None:
         assert self._executor is not None and self._wake is not None and self._stopped is not None
         try:
-            self._open(sorted(self._entities))
+            if self._receiving:
+                self._open(sorted(self._entities))
             self._publish_loop()
         except Exception:  # pragma: no cover - a bug, but never a silent one
             log.exception("the %s bus stopped unexpectedly", self.kind)
@@ -225,13 +261,16 @@ class BrokerBus(Bus):
                 self._wake.wait()
             self._wake.clear()
             last = self.closed
+            self._sending = True  # before take(): flush() must never see an empty buffer and no send
             keys, dropped = self._outbox.take()
             if keys or dropped:
                 try:
                     self._send(self._batches(keys, dropped))
                 except Exception as exc:
                     self._outbox.put_back(keys, dropped)
+                    self._sending = False
                     failures += 1
+                    self.last_error = _describe_error(exc)
                     self.counters["publish_failures"] += 1
                     if failures == 1:
                         log.warning("publishing to %s failed (%s); holding notifications and retrying",
@@ -244,10 +283,13 @@ class BrokerBus(Bus):
                 if failures:
                     log.info("published the notifications held while %s was unreachable", self.describe())
                 failures = 0
+                self.last_error = None
+                self.counters["sent"] += len(keys)
                 if dropped:
                     log.warning("the %s publish buffer overflowed (%d keys dropped in all); "
                                 "asked every server to resync %s", self.kind, self._outbox.dropped,
                                 ", ".join(sorted(dropped)))
+            self._sending = False
             if last:
                 return
 
@@ -258,6 +300,16 @@ class BrokerBus(Bus):
         for entity in sorted(dropped):
             batches.setdefault(self.topic(entity), []).append(p.encode_bus_resync(entity))
         return batches
+
+
+class _NoSink:
+    """The sink of a bus that only publishes."""
+
+    def deliver(self, keys: Sequence[EntityKey]) -> None:
+        """Nothing is received."""
+
+    def resync(self, entity: str | None = None) -> None:
+        """Nothing is subscribed."""
 
 
 def _describe_error(exc: BaseException) -> str:

@@ -97,6 +97,9 @@ class MemoryBus(Bus):
                 self._broker.members.remove(self)
         self._wake.set()
 
+    def describe(self) -> str:
+        return f"memory://{self.name or ''} (this process only)"
+
     @property
     def buffered(self) -> int:
         """Keys waiting to be delivered."""

@@ -316,7 +316,7 @@ def _consumer_class(gnsq: Any) -> Any:
 
             def handle_connection_success(self, conn: Any) -> None:
                 super().handle_connection_success(conn)
-                self._bus._connected(self._entity)
+                self._bus._connected(self._entity, str(conn))
 
             def _redistribute_ready_state(self) -> None:
                 # A RDY sent on a connection that is still being made raises

@@ -93,7 +93,8 @@ class RedisBus(BrokerBus):
 
     def _shutdown(self) -> None:
         # The reader notices ``closed`` within a second and closes its own connection.
-        self._reader_done.wait(2.0)
+        if self._receiving:
+            self._reader_done.wait(2.0)
         self._client.close()
 
     # -- receiving -------------------------------------------------------------

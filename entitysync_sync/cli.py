@@ -1,0 +1,181 @@
+"""``flask entitysync``: notify from the command line, and check the bus.
+
+``flask entitysync notify items 100 101`` publishes through the app's
+configured bus (``ENTITYSYNC_BUS_URL``, ``ENTITYSYNC_TOPIC_PREFIX``) and waits
+until the broker has the notifications before it exits. A CLI process is not
+a server: it serves no clients, so it publishes with a
+:class:`~entitysync_sync.publisher.Publisher` and subscribes to nothing, and
+``memory://``, which reaches only the process it runs in, is refused.
+
+``flask entitysync stats`` cannot see a running server's counters (those live
+in each server process: ``es.stats()``, or Prometheus). It shows what a
+separate process can check honestly: the configuration, the registered
+entities, whether the broker answers and, on Redis, how many server processes
+are subscribed to each entity's channel. It exits with status 1 when the
+broker cannot be reached, so it also serves as a health check.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+from .exceptions import EntitySyncError
+from .keys import EntityKey
+
+if TYPE_CHECKING:
+    from .extension import _State
+
+cli = AppGroup("entitysync", help="Notify subscribers and check the entitysync bus.")
+
+
+def _state() -> _State:
+    from .extension import EXTENSION_NAME
+
+    state = current_app.extensions.get(EXTENSION_NAME)
+    if state is None:  # pragma: no cover - the group is added by init_app
+        raise click.ClickException("EntitySync is not registered on this app: call init_app(app)")
+    return state  # type: ignore[no-any-return]
+
+
+@cli.command("notify")
+@click.argument("entity")
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--timeout", default=10.0, show_default=True, type=float,
+              help="Seconds to wait for the broker to accept the notifications.")
+def notify_command(entity: str, ids: tuple[str, ...], timeout: float) -> None:
+    """Tell every server that ENTITY rows IDS... changed, e.g. `notify items 100 101`."""
+    from .publisher import Publisher
+
+    state = _state()
+    settings = state.settings
+    if urlsplit(settings.bus_url).scheme == "memory":
+        raise click.ClickException(
+            f"ENTITYSYNC_BUS_URL is {settings.bus_url}, which reaches only the process it runs in, "
+            "not a running server. Set it (e.g. FLASK_ENTITYSYNC_BUS_URL) to the redis:// or nsq:// "
+            "URL the servers use."
+        )
+    if entity not in state.ext.entities:
+        known = ", ".join(sorted(state.ext.entities)) or "none"
+        raise click.ClickException(f"no entity {entity!r} is registered in this app (registered: {known})")
+    try:
+        keys = [EntityKey(entity, id) for id in ids]
+        publisher = Publisher(settings.bus_url, topic_prefix=settings.topic_prefix,
+                              buffer_size=max(settings.publish_buffer, len(keys)))
+        try:
+            publisher.notify_many(keys)
+        finally:
+            publisher.close(timeout)
+    except EntitySyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"published {len(keys)} notification(s) of {entity} to {publisher.describe()}")
+
+
+@cli.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--timeout", default=3.0, show_default=True, type=float,
+              help="Seconds to wait for the broker to answer.")
+def stats_command(as_json: bool, timeout: float) -> None:
+    """Show the configuration and whether the bus answers (exit status 1 if not).
+
+    A running server's counters live in that server: read them with
+    es.stats() (for example from a view of your own) or with Prometheus.
+    """
+    state = _state()
+    settings = state.settings
+    bus = state.bus
+    entities = sorted(state.ext.entities)
+    report: dict[str, Any] = {
+        "bus": bus.describe(),
+        "topic_prefix": settings.topic_prefix,
+        "path": settings.path,
+        "entities": entities,
+    }
+    report.update(probe(settings.bus_url, [settings.topic_prefix + entity for entity in entities], timeout))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"bus:          {report['bus']}")
+        click.echo(f"topic prefix: {report['topic_prefix'] or '(none)'}")
+        click.echo(f"websocket:    {report['path']}")
+        click.echo(f"entities:     {', '.join(entities) or '(none)'}")
+        click.echo(f"reachable:    {_yes_no(report['reachable'])}{_detail(report)}")
+        for topic, count in report.get("subscribers", {}).items():
+            click.echo(f"  {topic}: {count} server process(es) subscribed")
+    if report["reachable"] is False:
+        raise SystemExit(1)
+
+
+def _yes_no(value: bool | None) -> str:
+    return {True: "yes", False: "NO", None: "n/a"}[value]
+
+
+def _detail(report: dict[str, Any]) -> str:
+    return f" ({report['detail']})" if report.get("detail") else ""
+
+
+def probe(url: str, topics: list[str], timeout: float) -> dict[str, Any]:
+    """Whether the broker of ``url`` answers, plus what it can say about subscribers.
+
+    Returns ``reachable`` (True, False, or None for ``memory://``), a
+    ``detail`` message (never with credentials) and, on Redis, ``subscribers``:
+    the number of connections subscribed to each topic's channel, one per
+    server process.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        return {"reachable": None,
+                "detail": "memory:// is in-process: another process cannot reach or inspect it"}
+    if scheme in ("redis", "rediss"):
+        return _probe_redis(url, topics, timeout)
+    if scheme == "nsq":
+        return _probe_nsq(url, timeout)
+    return {"reachable": False, "detail": f"unsupported bus {scheme}://"}
+
+
+def _probe_redis(url: str, topics: list[str], timeout: float) -> dict[str, Any]:
+    from .bus.redis import _import_redis, redact
+
+    redis = _import_redis()
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        client.ping()
+        counts = dict(client.pubsub_numsub(*topics)) if topics else {}
+    except (redis.RedisError, OSError) as exc:
+        return {"reachable": False, "detail": f"{redact(url)}: {str(exc)[:200]}"}
+    finally:
+        client.close()
+    subscribers = {(t.decode() if isinstance(t, bytes) else t): int(n) for t, n in counts.items()}
+    return {"reachable": True, "detail": "PING answered", "subscribers": subscribers}
+
+
+def _probe_nsq(url: str, timeout: float) -> dict[str, Any]:
+    from .bus.nsq import parse_nsq_url
+
+    parsed = parse_nsq_url(url)
+    failed: list[str] = []
+    for address in parsed["nsqd"]:
+        host, _, port = address.rpartition(":")
+        try:
+            # nsqd speaks first only after the client's magic; a TCP connection is what can be checked.
+            with socket.create_connection((host, int(port)), timeout=timeout):
+                pass
+        except OSError as exc:
+            failed.append(f"nsqd {address}: {exc}")
+    for address in parsed["lookupd"]:
+        try:
+            with urllib.request.urlopen(address.rstrip("/") + "/ping", timeout=timeout) as resp:
+                resp.read()
+        except OSError as exc:
+            failed.append(f"lookupd {address}: {exc}")
+    if failed:
+        return {"reachable": False, "detail": "; ".join(failed)[:400]}
+    where = len(parsed["nsqd"]) + len(parsed["lookupd"])
+    return {"reachable": True, "detail": f"{where} address(es) accept connections"}
