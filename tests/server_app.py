@@ -245,7 +245,6 @@ def create_app() -> Flask:
             "keys": hub.key_count,
             "heartbeats": hub.heartbeats,
             "threads": threading.active_count(),
-            "thread_names": sorted(t.name for t in threading.enumerate()),
             "greenlets": sum(
                 1 for o in gc.get_objects() if isinstance(o, greenlet) and not o.dead
             ),
