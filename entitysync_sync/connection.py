@@ -22,12 +22,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import _runtime
 from . import protocol as p
 from .exceptions import FetchTimeoutError, ProtocolError
 from .keys import EntityKey
+from .shared import FLUSH, EncodedFrame, SharedFrames
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -46,6 +47,16 @@ class Transport(Protocol):
 
     def ping(self) -> bool:
         """Send a ping; False if the previous one was never answered (the peer is gone)."""
+
+
+class FrameTransport(Transport, Protocol):
+    """A transport that can also write frames encoded once for many connections."""
+
+    def send_frame(self, frame: EncodedFrame) -> None:
+        """Write one pre-encoded frame completely (or its text, when compressing)."""
+
+    def try_send_frame(self, wire: bytes) -> int | None:
+        """Write without waiting: None when nothing was written, else the bytes left to flush."""
 
 
 class Handlers(Protocol):
@@ -88,6 +99,9 @@ class Connection:
     authorize and is never logged or shown in ``repr``.
     """
 
+    #: The newest frames of shared fetches per key, waiting for the outbox to empty.
+    _shared: dict[EntityKey, SharedFrames] | None = None
+
     def __init__(
         self,
         transport: Transport,
@@ -105,7 +119,7 @@ class Connection:
         self._lock = threading.Lock()
         self._subscriptions: set[EntityKey] = set()
         self._pending: dict[EntityKey, None] = {}
-        self._outbox: deque[str] = deque()
+        self._outbox: deque[str | EncodedFrame] = deque()
         self._outbox_size = 0
         self._working = False
         self._failures: dict[EntityKey, int] = {}
@@ -206,6 +220,8 @@ class Connection:
             self._subscriptions.discard(key)
             self._pending.pop(key, None)
             self._failures.pop(key, None)
+            if self._shared:
+                self._shared.pop(key, None)
         self._hub.unsubscribe(self, key)
         self._ack(ref)
 
@@ -287,6 +303,12 @@ class Connection:
                     return
                 if self._outbox:
                     frame = self._outbox[0]
+                elif self._shared:
+                    # Before refreshes: a refresh taken now reads state newer than these frames.
+                    shared = self._shared.pop(next(iter(self._shared)))
+                    self._outbox.extend(shared.frames)
+                    self._outbox_size += shared.size
+                    continue
                 elif self._pending:
                     key = next(iter(self._pending))
                     del self._pending[key]
@@ -300,10 +322,10 @@ class Connection:
             else:
                 self._refresh(key, secret, generation)
 
-    def _write(self, frame: str) -> bool:
+    def _write(self, frame: str | EncodedFrame) -> bool:
         self.send_started = time.monotonic()
         try:
-            self._transport.send_text(frame)
+            self._send(frame)
         except Exception as exc:
             self.send_started = None
             log.debug("write failed, closing: %r", exc)
@@ -317,6 +339,60 @@ class Connection:
                 self._outbox.popleft()
                 self._outbox_size -= len(frame)
         return True
+
+    def _send(self, frame: str | EncodedFrame) -> None:
+        if isinstance(frame, str):
+            self._transport.send_text(frame)
+        elif hasattr(self._transport, "send_frame"):
+            cast(FrameTransport, self._transport).send_frame(frame)
+        elif frame.text:
+            self._transport.send_text(frame.text)
+
+    def push_shared(self, shared: SharedFrames) -> None:
+        """Send the frames of a shared fetch of a subscribed key.
+
+        On an idle connection they are written at once, from the caller's
+        greenlet, as far as the socket takes them without waiting; the rest
+        goes to this connection's worker. On a busy one they wait, replacing
+        older shared frames of the same key, until earlier frames are
+        written: a slow reader gets fewer, fresher frames, as with refreshes.
+        """
+        with self._lock:
+            if self.closed or shared.key not in self._subscriptions:
+                return
+            if self._working:
+                if self._shared is None:
+                    self._shared = {}
+                self._shared[shared.key] = shared
+                return
+            self._working = True
+        rest = self._write_now(shared.frames)
+        with self._lock:
+            if rest and not self.closed:
+                self._outbox.extendleft(reversed(rest))
+                self._outbox_size += sum(map(len, rest))
+            if self.closed or not (self._outbox or self._pending or self._shared):
+                self._working = False
+                return
+        _runtime.spawn(self._work, name="entitysync-connection")
+
+    def _write_now(self, frames: tuple[EncodedFrame, ...]) -> list[EncodedFrame]:
+        """Write ``frames`` without waiting; the frames still to write (``FLUSH`` first if one was cut)."""
+        if not hasattr(self._transport, "try_send_frame"):
+            return list(frames)
+        transport = cast(FrameTransport, self._transport)
+        for i, frame in enumerate(frames):
+            try:
+                left = transport.try_send_frame(frame.wire)
+            except Exception as exc:
+                log.debug("write failed, closing: %r", exc)
+                self.close(p.CLOSE_GOING_AWAY, "write failed")
+                return []
+            if left is None:
+                return list(frames[i:])
+            if left:
+                return [FLUSH, *frames[i + 1 :]]
+        return []
 
     def _refresh(self, key: EntityKey, secret: Any, generation: int) -> None:
         try:

@@ -32,6 +32,7 @@ from .hub import Hub
 from .keys import EntityKey, IdLike, NotifiedKey, as_key, validate_entity
 from .metrics import MeteredSink, Metrics, collect
 from .settings import Settings, load_settings
+from .shared import Fanout
 from .transport import WebSocketTransport
 
 log = logging.getLogger("entitysync_sync")
@@ -47,6 +48,7 @@ EXTENSION_NAME = "entitysync"
 class _Entity:
     name: str
     fetch: FetchFn
+    shared: bool = False
 
 
 class EntitySync:
@@ -126,7 +128,7 @@ class EntitySync:
 
     # -- registration ----------------------------------------------------------
 
-    def entity(self, name: str) -> Callable[[F], F]:
+    def entity(self, name: str, *, shared: bool = False) -> Callable[[F], F]:
         """Register ``fetch(key, secret)`` for the entity ``name``.
 
         ``fetch`` returns one row, a list or tuple of rows, or an iterator
@@ -134,13 +136,18 @@ class EntitySync:
         sends ``gone``. Rows are encoded with ``app.json``; a ``str`` or
         ``bytes`` row is JSON already and is sent as it is. It runs in a fresh
         application context for each call.
+
+        ``shared=True`` declares that the rows do not depend on the
+        subscriber: ``fetch`` is then called with ``secret=None``, once per
+        notification per server, and every local subscriber gets the same
+        frames, encoded once. ``authorize`` still decides who may subscribe.
         """
         validate_entity(name)
 
         def decorator(fetch: F) -> F:
             if name in self._entities:
                 raise ConfigError(f"entity {name!r} is already registered")
-            self._entities[name] = _Entity(name, fetch)
+            self._entities[name] = _Entity(name, fetch, shared)
             for state in list(self._states.values()):
                 state.entity_added(name)
             return fetch
@@ -381,6 +388,7 @@ class _State:
             rate_burst=settings.rate_burst,
             fetch_retry_max=settings.fetch_retry_max,
         )
+        self.fanout = Fanout(self, settings.envelope)
         self._lock = threading.Lock()
         self._started_in: int | None = None  # the pid that started the bus
         self.closed = False
@@ -416,6 +424,7 @@ class _State:
                 log.info("process forked after the bus started; starting a fresh bus")
                 self.bus = self._make_bus()
                 self.hub = Hub()
+            self.hub.fanout = self.fanout
             self.bus.start(MeteredSink(lambda: self.hub, self.metrics), list(self.ext._entities))
             atexit.register(self.bus.close)  # a last attempt to publish what is buffered
             log.info("entitysync started in process %d on %s", pid, self.bus.describe())
@@ -503,6 +512,10 @@ class _State:
             fn(secret, raw)
         return True
 
+    def is_shared(self, entity: str) -> bool:
+        found = self.ext._entities.get(entity)
+        return found is not None and found.shared
+
     def fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
         timeout = self.settings.fetch_timeout
         error = FetchTimeoutError(f"timed out after {timeout:g}s (ENTITYSYNC_FETCH_TIMEOUT)")
@@ -517,6 +530,8 @@ class _State:
 
     def _fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
         entity = self.ext._entities[key.entity]
+        if entity.shared:
+            secret = None  # a shared fetch must not depend on whoever subscribed first
         with self.app.app_context():
             result = entity.fetch(key, secret)
             if result is None:

@@ -16,10 +16,14 @@ from .keys import EntityKey
 
 if TYPE_CHECKING:
     from .connection import Connection
+    from .shared import Fanout
 
 
 class Hub:
     """Local connections and the key → connections map, safe across threads."""
+
+    #: Where keys of shared entities go instead of each subscriber's refresh (set by the extension).
+    fanout: Fanout | None = None
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -65,10 +69,18 @@ class Hub:
     def deliver(self, keys: Sequence[EntityKey]) -> None:
         """Ask every local subscriber of each key to refresh it."""
         for key in keys:
+            if self.fanout is not None and key in self._subscribers and self.fanout.handles(key):
+                self.fanout.request(key, self)
+                continue
             with self._lock:
                 conns = tuple(self._subscribers.get(key, ()))
             for conn in conns:
                 conn.request_refresh(key)
+
+    def subscribers(self, key: EntityKey) -> tuple[Connection, ...]:
+        """The local connections subscribed to ``key`` right now."""
+        with self._lock:
+            return tuple(self._subscribers.get(key, ()))
 
     def resync(self, entity: str | None = None) -> None:
         """Refresh every key that has a local subscriber, or every such key of ``entity``."""

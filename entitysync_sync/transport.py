@@ -22,7 +22,10 @@ import threading
 import time
 from typing import Any
 
+from simple_websocket import ConnectionClosed
+
 from . import _runtime
+from .shared import EncodedFrame
 
 log = logging.getLogger("entitysync_sync")
 
@@ -36,12 +39,18 @@ CLOSE_WAIT = 1.0
 class _SerialSocket:
     """A socket proxy whose ``send`` is a locked ``sendall``."""
 
+    #: The end of a frame whose start was written without waiting; written before anything else.
+    residue = b""
+
     def __init__(self, sock: Any, lock: threading.RLock) -> None:
         self._sock = sock
         self._lock = lock
 
     def send(self, data: bytes) -> int:
         with self._lock:
+            if self.residue:
+                residue, self.residue = self.residue, b""
+                self._sock.sendall(residue)
             self._sock.sendall(data)
         return len(data)
 
@@ -53,6 +62,9 @@ class _SerialSocket:
 
 class WebSocketTransport:
     """Whole-frame, serialised writes and a close that never blocks."""
+
+    _deflate: bool | None = None
+    _nowait: bool | None = None
 
     def __init__(self, ws: Any, max_message_bytes: int | None = None) -> None:
         self._ws = ws
@@ -69,6 +81,69 @@ class WebSocketTransport:
         with self._lock:
             self._ws.send(text)
 
+    def send_frame(self, frame: EncodedFrame) -> None:
+        """Write one frame encoded once for many connections, completely.
+
+        Its bytes are written as they are unless this connection compresses,
+        which needs its own encoding of the text. An empty frame only
+        finishes a frame that :meth:`try_send_frame` started.
+        """
+        if not frame.wire:
+            with self._lock:
+                self._ws.sock.send(b"")
+        elif self._compressing():
+            self.send_text(frame.text)
+        else:
+            with self._lock:
+                if not self._ws.connected:
+                    raise ConnectionClosed(self._ws.close_reason, self._ws.close_message)
+                self._ws.sock.send(frame.wire)
+
+    def try_send_frame(self, wire: bytes) -> int | None:
+        """Write a pre-encoded frame without waiting, if the socket takes it now.
+
+        Returns None when nothing was written (another write is in progress,
+        the connection compresses, the socket's buffer is full, or the server
+        is not running under gevent), so the caller queues the frame instead.
+        Otherwise returns how many bytes are left; they are kept and written
+        before any other bytes, by the next write or by ``send_frame(FLUSH)``.
+        """
+        nowait = self._nowait
+        if nowait is None:
+            nowait = self._nowait = (
+                _runtime.gevent_active()
+                and type(self._raw).__module__.startswith("gevent")
+                and not self._compressing()
+            )
+        if not nowait:
+            return None
+        serial = self._ws.sock
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if serial.residue or not self._ws.connected:
+                return None
+            try:
+                sent: int = self._raw.send(wire, 0, 0.0)  # gevent's socket: timeout 0 never waits
+            except BlockingIOError:
+                return None
+            if sent < len(wire):
+                serial.residue = wire[sent:]
+            return len(wire) - sent
+        finally:
+            self._lock.release()
+
+    def _compressing(self) -> bool:
+        """Whether this connection negotiated permessage-deflate (or it cannot be told)."""
+        compressing = self._deflate
+        if compressing is None:
+            try:
+                compressing = bool(self._ws.ws.connection._proto.extensions)
+            except AttributeError:
+                compressing = True
+            self._deflate = compressing
+        return compressing
+
     def ping(self) -> bool:
         """Send a ping frame; False if the previous ping was never answered.
 
@@ -81,6 +156,8 @@ class WebSocketTransport:
         if not self._lock.acquire(blocking=False):
             return True  # a frame is being written; the send timeout watches that
         try:
+            if ws.sock.residue:
+                return True  # a frame is half written; the send timeout watches that
             if not ws.pong_received:
                 return False
             ws.pong_received = False
@@ -130,7 +207,8 @@ class WebSocketTransport:
     def _close_holding_lock(self, code: int, reason: str) -> None:
         sent = False
         try:
-            if self._ws.connected:
+            # A frame cut short by try_send_frame must be finished before a close frame.
+            if self._ws.connected and not self._ws.sock.residue:
                 self._ws.close(code, reason)
                 sent = self._close_sent = True
         except Exception:

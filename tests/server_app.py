@@ -156,9 +156,31 @@ def create_app() -> Flask:
     def private(key: EntityKey, secret: Any) -> Any:
         return {"id": key.id, "for": secret}
 
+    @es.entity("shared", shared=True)
+    def shared(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        if key.id not in rows:
+            return None
+        return {"id": key.id, "value": value(key), "secret": secret}
+
+    @es.entity("sharedslow", shared=True)
+    def sharedslow(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        time.sleep(SLOW_FETCH_SECONDS)
+        return {"id": key.id, "value": value(key)}
+
+    @es.entity("sharedbig", shared=True)
+    def sharedbig(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        return [{"id": key.id, "value": value(key), "blob": "x" * int(key.id.split("-")[0])}, {"id": key.id}]
+
+    @es.entity("board", shared=True)
+    def board(key: EntityKey, secret: Any) -> Any:
+        return {"id": key.id, "value": value(key), "secret": secret}
+
     @es.authorize
     def authorize(key: EntityKey, secret: Any) -> bool:
-        if key.entity == "private":
+        if key.entity in ("private", "board"):
             return bool(secret) and str(secret).startswith("admin")
         return True
 

@@ -1,0 +1,206 @@
+"""Shared fetches (``@es.entity(name, shared=True)``) against real servers."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from .conftest import Client, Server, ServerPool, wait_for
+
+BIG = 1_000_000  # characters in the first row of a "sharedbig" push
+
+
+def _subscribers(server: Server, clients: Any, entity: str, uid: str, n: int) -> list[Client]:
+    """``n`` clients, each with a token of its own, subscribed to ``entity``/``uid``."""
+    subs = [clients(server.ws_url, token=f"user{i}") for i in range(n)]
+    for client in subs:
+        client.subscribe(entity, uid)
+    return subs
+
+
+def _texts(subs: list[Client]) -> list[str]:
+    """The next frame of every client, as sent."""
+    texts = []
+    for client in subs:
+        client.ws.settimeout(10)
+        texts.append(client.ws.recv())
+    return texts
+
+
+def test_one_fetch_per_notification_whatever_the_subscriber_count(
+    servers: ServerPool, clients: Any, kind: str, uid: str
+) -> None:
+    server = servers.get(kind, ENTITYSYNC_PUSH_ON_SUBSCRIBE=False)
+    subs = _subscribers(server, clients, "shared", uid, 20)
+    wait_for(lambda: server.stats()["subscriptions"] >= 20 or None, message="20 subscriptions")
+    for n in range(1, 4):
+        server.set("shared", uid, n)
+        for client in subs:
+            assert client.expect_push("shared", uid, lambda b, n=n: b["value"] == n)["value"] == n
+        assert server.get(f"/_t/fetches/shared/{uid}")["count"] == n
+
+
+def test_every_subscriber_gets_the_same_bytes_fetched_without_a_secret(
+    server: Server, clients: Any, uid: str
+) -> None:
+    server.post(f"/_t/set-quietly/shared/{uid}", {"value": "v0"})
+    subs = _subscribers(server, clients, "shared", uid, 5)
+    for client in subs:  # push on subscribe: fetched for that subscriber alone, still without its secret
+        assert client.expect_push("shared", uid)["secret"] is None
+    server.set("shared", uid, "v1")
+    texts = _texts(subs)
+    assert len(set(texts)) == 1, texts
+    assert json.loads(texts[0]) == {
+        "action": "push",
+        "key": {"entity": "shared", "id": uid},
+        "body": {"id": uid, "value": "v1", "secret": None},
+    }
+    server.post(f"/_t/delete/shared/{uid}")
+    texts = _texts(subs)
+    assert set(texts) == {json.dumps({"action": "gone", "key": {"entity": "shared", "id": uid}},
+                                     separators=(",", ":"))}
+
+
+def test_a_stalled_subscriber_does_not_delay_the_others(
+    servers: ServerPool, clients: Any, kind: str, uid: str
+) -> None:
+    server = servers.get(kind, ENTITYSYNC_SEND_TIMEOUT=1, ENTITYSYNC_OUTBOX_LIMIT=2000)
+    big_id = f"{BIG}-{uid}"
+    server.post(f"/_t/set-quietly/sharedbig/{big_id}", {"value": -1})
+    healthy = _subscribers(server, clients, "sharedbig", big_id, 3)
+    for client in healthy:
+        client.expect_push("sharedbig", big_id, lambda b: b.get("value") == -1)
+    # A tiny receive window and no reading: its writer blocks inside the first 1 MB frame.
+    stalled = clients(server.ws_url, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
+    stalled.subscribe("sharedbig", big_id)
+    wait_for(lambda: server.stats()["subscriptions"] == 4 or None, message="the stalled subscription")
+    for n in range(12):
+        server.set("sharedbig", big_id, n)
+        for client in healthy:
+            body = client.expect_push("sharedbig", big_id, lambda b, n=n: b.get("value") == n, timeout=5)
+            assert len(body["blob"]) == BIG
+    wait_for(lambda: server.stats()["connections"] == 3 or None, timeout=15,
+             message="the stalled client to be closed")
+    assert "closing a connection with 1008: send timed out" in server.log()
+    server.set("sharedbig", big_id, "after")
+    for client in healthy:
+        assert client.expect_push("sharedbig", big_id, lambda b: b.get("value") == "after")["id"] == big_id
+
+
+def test_raw_mode_sends_the_same_row_bytes_to_everyone(
+    servers: ServerPool, clients: Any, kind: str, uid: str
+) -> None:
+    server = servers.get(kind, ENTITYSYNC_ENVELOPE=False)
+    server.post(f"/_t/set-quietly/shared/{uid}", {"value": "first"})
+    subs = _subscribers(server, clients, "shared", uid, 3)
+    assert [json.loads(text)["value"] for text in _texts(subs)] == ["first"] * 3
+    server.set("shared", uid, "second")
+    texts = _texts(subs)
+    assert len(set(texts)) == 1
+    assert json.loads(texts[0]) == {"id": uid, "value": "second", "secret": None}
+    fetched = server.get(f"/_t/fetches/shared/{uid}")["count"]
+    server.post(f"/_t/delete/shared/{uid}")  # raw mode sends nothing for gone
+    wait_for(lambda: server.get(f"/_t/fetches/shared/{uid}")["count"] > fetched or None,
+             message="the fetch after the delete")
+    for client in subs:
+        client.assert_silent(within=0.3)
+
+
+class DeflateClient:
+    """A blocking wsproto client that offers permessage-deflate, as browsers do."""
+
+    def __init__(self, server: Server) -> None:
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request
+        from wsproto.extensions import PerMessageDeflate
+
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(host="127.0.0.1", target="/ws/entity-sync/",
+                                               extensions=[PerMessageDeflate()])))
+        self.pending: list[Any] = []
+        accepted = self._next(lambda e: isinstance(e, AcceptConnection))
+        self.deflate = any(isinstance(ext, PerMessageDeflate) for ext in accepted.extensions)
+
+    def _next(self, match: Any) -> Any:
+        while True:
+            for i, event in enumerate(self.pending):
+                if match(event):
+                    return self.pending.pop(i)
+            data = self.sock.recv(65536)
+            assert data, "the server closed the connection"
+            self.ws.receive_data(data)
+            self.pending.extend(self.ws.events())
+
+    def send(self, obj: Any) -> None:
+        from wsproto.events import TextMessage
+
+        self.sock.sendall(self.ws.send(TextMessage(json.dumps(obj))))
+
+    def recv(self) -> Any:
+        from wsproto.events import TextMessage
+
+        parts = []
+        while True:
+            event = self._next(lambda e: isinstance(e, TextMessage))
+            parts.append(event.data)
+            if event.message_finished:
+                return json.loads("".join(parts))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_compressing_and_plain_subscribers_both_get_the_push(
+    servers: ServerPool, clients: Any, uid: str
+) -> None:
+    server = servers.get("gunicorn", ENTITYSYNC_COMPRESSION=True)
+    server.post(f"/_t/set-quietly/shared/{uid}", {"value": "a"})
+    plain = clients(server.ws_url)  # websocket-client offers no compression
+    plain.subscribe("shared", uid)
+    plain.expect_push("shared", uid)
+    deflating = DeflateClient(server)
+    try:
+        assert deflating.deflate, "permessage-deflate was not negotiated"
+        deflating.send({"action": "subscribe", "body": {"entity": "shared", "id": uid}})
+        assert deflating.recv()["body"]["value"] == "a"
+        for value in ("z" * 5000, "y"):
+            server.set("shared", uid, value)
+            assert deflating.recv()["body"] == {"id": uid, "value": value, "secret": None}
+            assert plain.expect_push("shared", uid)["value"] == value
+    finally:
+        deflating.close()
+
+
+def test_shared_notifications_coalesce_and_the_last_push_is_current(
+    server: Server, clients: Any, uid: str
+) -> None:
+    server.post(f"/_t/set-quietly/sharedslow/{uid}", {"value": "start"})
+    subs = _subscribers(server, clients, "sharedslow", uid, 3)
+    for client in subs:
+        client.expect_push("sharedslow", uid, lambda b: b["value"] == "start")
+    last = server.post(f"/_t/burst/sharedslow/{uid}?n=200")["last"]
+    for client in subs:
+        assert client.expect_push("sharedslow", uid, lambda b: b["value"] == last, timeout=15)["value"] == last
+    for client in subs:
+        client.assert_silent(within=0.5)
+    fetches = server.get(f"/_t/fetches/sharedslow/{uid}")["count"]
+    # 3 on subscribe; then at most one shared fetch running and one pending during the burst.
+    assert 4 <= fetches <= 6, fetches
+
+
+def test_authorize_still_gates_shared_entities(server: Server, clients: Any, uid: str) -> None:
+    server.post(f"/_t/set-quietly/board/{uid}", {"value": 1})
+    anonymous = clients(server.ws_url)
+    anonymous.subscribe("board", uid, ref="a")
+    assert anonymous.expect(lambda f: f["action"] == "error")["error"]["code"] == "forbidden"
+    admin = clients(server.ws_url, token="admin-1")
+    admin.subscribe("board", uid)
+    assert admin.expect_push("board", uid) == {"id": uid, "value": 1, "secret": None}
+    admin.send({"action": "secret", "body": "user-2", "ref": "s"})
+    assert admin.expect(lambda f: f["action"] == "error")["error"]["code"] == "forbidden"
+    admin.expect(lambda f: f["action"] == "ack" and f["ref"] == "s")
+    server.set("board", uid, 2)
+    admin.assert_silent()
+    anonymous.assert_silent()
