@@ -388,7 +388,7 @@ class _State:
             rate_burst=settings.rate_burst,
             fetch_retry_max=settings.fetch_retry_max,
         )
-        self.fanout = Fanout(self, settings.envelope)
+        self.fanout = Fanout(self, settings.envelope, settings.fetch_retry_max)
         self._lock = threading.Lock()
         self._started_in: int | None = None  # the pid that started the bus
         self.closed = False

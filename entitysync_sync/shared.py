@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import _runtime
 from . import protocol as p
+from .exceptions import FetchTimeoutError
 from .keys import EntityKey
 
 if TYPE_CHECKING:
@@ -81,6 +82,12 @@ class SharedFrames:
     key: EntityKey
     frames: tuple[EncodedFrame, ...]
     size: int
+    #: Why the fetch failed, if it did; the frames then hold a fetch_failed error.
+    error: Exception | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
 
 
 class SharedHandlers(Protocol):
@@ -96,9 +103,12 @@ class SharedHandlers(Protocol):
 class Fanout:
     """Runs shared fetches, one at a time per key, and hands their frames to the subscribers."""
 
-    def __init__(self, handlers: SharedHandlers, envelope: bool = True) -> None:
+    def __init__(self, handlers: SharedHandlers, envelope: bool = True, retry_max: float = 0.0) -> None:
         self._handlers = handlers
         self._envelope = envelope
+        self._retry_max = retry_max
+        #: Keys whose last fetch failed → failures in a row.
+        self._failures: dict[EntityKey, int] = {}
         self._lock = threading.Lock()
         #: Keys being fetched → whether another notification arrived meanwhile.
         self._running: dict[EntityKey, bool] = {}
@@ -125,9 +135,10 @@ class Fanout:
         try:
             while True:
                 shared = self.build(key)
-                # Subscribers are read after the fetch, so one that subscribed meanwhile gets it too.
-                for conn in hub.subscribers(key):
-                    conn.push_shared(shared)
+                if self._after_fetch(key, hub, shared.error):
+                    # Subscribers are read after the fetch, so one that subscribed meanwhile gets it too.
+                    for conn in hub.subscribers(key):
+                        conn.push_shared(shared)
                 with self._lock:
                     if not self._running[key]:
                         del self._running[key]
@@ -138,13 +149,45 @@ class Fanout:
                 self._running.pop(key, None)
             raise
 
+    def _after_fetch(self, key: EntityKey, hub: Hub, error: Exception | None) -> bool:
+        """Track failures and schedule a retry with backoff; whether to push the frames.
+
+        Subscribers hear of the first failure of a run only; the retries go on
+        until a fetch succeeds or nobody subscribes, so clients converge once
+        the database is back.
+        """
+        with self._lock:
+            if error is None:
+                self._failures.pop(key, None)
+                return True
+            attempt = self._failures[key] = self._failures.get(key, 0) + 1
+        if attempt > 1:
+            log.debug("shared fetch of %s failed again (attempt %d): %r", key, attempt, error)
+        elif isinstance(error, FetchTimeoutError):
+            log.warning("fetch of %s %s", key, error)
+        else:
+            log.error("fetch of %s failed", key, exc_info=error)
+        if self._retry_max:
+            _runtime.spawn_later(min(self._retry_max, 0.5 * 2 ** (attempt - 1)), self._retry, key, hub)
+        return attempt == 1
+
+    def _retry(self, key: EntityKey, hub: Hub) -> None:
+        with self._lock:
+            failing = key in self._failures
+        if failing and hub.subscribers(key):
+            self.request(key, hub)
+        elif failing:
+            with self._lock:
+                self._failures.pop(key, None)
+
     def build(self, key: EntityKey) -> SharedFrames:
         """Fetch ``key`` with ``secret=None`` and encode its frames, once."""
         try:
             rows = self._handlers.fetch(key, None)
-        except Exception:
-            log.exception("fetch of %s failed", key)
-            texts = [p.encode_error(p.FETCH_FAILED, f"fetching {key} failed", None, key)] if self._envelope else []
+        except Exception as exc:
+            what = "timed out" if isinstance(exc, FetchTimeoutError) else "failed"
+            texts = [p.encode_error(p.FETCH_FAILED, f"fetching {key} {what}", None, key)] if self._envelope else []
+            return SharedFrames(key, tuple(EncodedFrame.of(t) for t in texts), sum(map(len, texts)), exc)
         else:
             if not self._envelope:
                 texts = rows or []

@@ -174,6 +174,13 @@ def create_app() -> Flask:
         count(key)
         return [{"id": key.id, "value": value(key), "blob": "x" * int(key.id.split("-")[0])}, {"id": key.id}]
 
+    @es.entity("sharedboom", shared=True)
+    def sharedboom(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        if value(key) == "ok":
+            return {"id": key.id, "value": "ok"}
+        raise RuntimeError("the database is on fire")
+
     @es.entity("board", shared=True)
     def board(key: EntityKey, secret: Any) -> Any:
         return {"id": key.id, "value": value(key), "secret": secret}

@@ -164,6 +164,21 @@ def test_after_the_database_comes_back_failed_fetches_are_retried_until_clients_
     assert server.get(f"/_t/fetches/boom/{uid}")["count"] == count
 
 
+def test_failed_shared_fetches_are_retried_too(server: Server, clients: Callable[..., Client], uid: str) -> None:
+    server.post(f"/_t/set-quietly/sharedboom/{uid}", {"value": "ok"})
+    first, second = clients(server.ws_url), clients(server.ws_url)
+    for client in (first, second):
+        client.subscribe("sharedboom", uid)
+        client.expect_push("sharedboom", uid)
+    server.set("sharedboom", uid, "broken")  # a notify whose one shared fetch fails
+    for client in (first, second):
+        client.expect(lambda f: f["action"] == "error" and f["error"]["code"] == "fetch_failed")
+    server.post(f"/_t/set-quietly/sharedboom/{uid}", {"value": "ok"})  # the database is back; no notify
+    for client in (first, second):
+        frame = client.expect(lambda f: f["action"] != "ack", timeout=15)
+        assert frame["action"] == "push" and frame["body"] == {"id": uid, "value": "ok"}
+
+
 # -- secrets -----------------------------------------------------------------------
 
 
