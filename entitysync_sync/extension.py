@@ -92,6 +92,19 @@ class EntitySync:
         down); past it, keys are dropped and every server resyncs their entities.
     ``ENTITYSYNC_TOPIC_PREFIX`` [``""``]
         Prefix of every NSQ topic or Redis channel, so apps can share a broker.
+    ``ENTITYSYNC_ALLOWED_ORIGINS`` [``None``]
+        Origins besides the app's own whose pages may open the websocket
+        (a list, or ``"*"``); other origins get HTTP 403.
+    ``ENTITYSYNC_PING_INTERVAL`` [``25.0``]
+        Seconds between pings; a client that missed the last one is closed.
+    ``ENTITYSYNC_FETCH_TIMEOUT`` [``10.0``]
+        Seconds a fetch may take before it is abandoned as failed.
+    ``ENTITYSYNC_FETCH_RETRY_MAX`` [``30.0``]
+        Longest pause between retries of a failed fetch (0: no retries).
+    ``ENTITYSYNC_RATE_LIMIT`` [``200.0``]
+        Client frames per second allowed on average; past it, close 1008.
+    ``ENTITYSYNC_RATE_BURST`` [``2000``]
+        Client frames allowed at once after a quiet spell.
     """
 
     def __init__(self, app: Flask | None = None, *, bus: Bus | None = None) -> None:
