@@ -92,6 +92,14 @@ def test_init_app_registers_once_and_refuses_a_second_time() -> None:
         ("ENTITYSYNC_PATH", "ws", "starting with '/'"),
         ("ENTITYSYNC_BUS_URL", "carrier-pigeon://x", "unsupported bus"),
         ("ENTITYSYNC_BUS_URL", None, "must be a string"),
+        ("ENTITYSYNC_TOPIC_PREFIX", "a b", "ENTITYSYNC_TOPIC_PREFIX"),
+        ("ENTITYSYNC_ALLOWED_ORIGINS", 7, "ENTITYSYNC_ALLOWED_ORIGINS"),
+        ("ENTITYSYNC_ALLOWED_ORIGINS", ["https://a", 3], "ENTITYSYNC_ALLOWED_ORIGINS"),
+        ("ENTITYSYNC_PING_INTERVAL", -1, "ENTITYSYNC_PING_INTERVAL"),
+        ("ENTITYSYNC_FETCH_TIMEOUT", "10", "ENTITYSYNC_FETCH_TIMEOUT"),
+        ("ENTITYSYNC_FETCH_RETRY_MAX", True, "ENTITYSYNC_FETCH_RETRY_MAX"),
+        ("ENTITYSYNC_RATE_LIMIT", -5, "frames per second"),
+        ("ENTITYSYNC_RATE_BURST", 0, "positive integer"),
     ],
 )
 def test_bad_config_raises_config_error_naming_the_key(key: str, value: Any, match: str) -> None:
