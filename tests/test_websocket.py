@@ -302,16 +302,18 @@ def test_compression_is_refused_by_default(server: Server) -> None:
 
 
 def test_compression_is_negotiated_when_enabled(servers: ServerPool, clients, uid: str) -> None:
-    import simple_websocket
+    from tests.test_shared import DeflateClient
 
     server = servers.get("gunicorn", ENTITYSYNC_COMPRESSION=True)
     assert "permessage-deflate" in _handshake(server, offer_deflate=True)["sec-websocket-extensions"]
     server.set("items", uid, "z" * 5000)
-    client = simple_websocket.Client.connect(server.ws_url)  # offers permessage-deflate
+    client = DeflateClient(server)  # offers permessage-deflate, as browsers do
     try:
-        client.send(json.dumps({"action": "subscribe", "body": {"entity": "items", "id": uid}}))
-        frame = json.loads(client.receive(timeout=10))
-        assert frame["body"] == {"id": uid, "value": "z" * 5000}
+        assert client.deflate, "permessage-deflate was not negotiated"
+        client.send({"action": "subscribe", "body": {"entity": "items", "id": uid}})
+        assert client.recv()["body"] == {"id": uid, "value": "z" * 5000}
+        server.set("items", uid, "y" * 3000)
+        assert client.recv()["body"] == {"id": uid, "value": "y" * 3000}
     finally:
         client.close()
 
