@@ -84,14 +84,17 @@ class KeyBuffer:
     def add(self, keys: Iterable[EntityKey]) -> None:
         """Append ``keys``, dropping (and counting) those that do not fit."""
         with self._lock:
-            for key in keys:
-                if key in self._keys:
-                    continue
-                if len(self._keys) >= self.capacity:
-                    self._dropped_entities.add(key.entity)
-                    self.dropped += 1
-                    continue
-                self._keys[key] = None
+            self._append(keys)
+
+    def _append(self, keys: Iterable[EntityKey]) -> None:
+        for key in keys:
+            if key in self._keys:
+                continue
+            if len(self._keys) >= self.capacity:
+                self._dropped_entities.add(key.entity)
+                self.dropped += 1
+                continue
+            self._keys[key] = None
 
     def take(self) -> tuple[list[EntityKey], set[str]]:
         """Remove and return everything waiting, and the entities of keys dropped since."""
@@ -108,14 +111,7 @@ class KeyBuffer:
             newer = self._keys
             self._keys = dict.fromkeys(keys)
             self._dropped_entities.update(dropped)
-            for key in newer:
-                if key in self._keys:
-                    continue
-                if len(self._keys) >= self.capacity:
-                    self._dropped_entities.add(key.entity)
-                    self.dropped += 1
-                    continue
-                self._keys[key] = None
+            self._append(newer)
 
     def __len__(self) -> int:
         return len(self._keys)
