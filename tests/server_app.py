@@ -219,10 +219,14 @@ def create_app() -> Flask:
 
     @app.get("/_t/slow-notify/<entity>/<id>")
     def slow_notify(entity: str, id: str) -> Any:
+        """A request still running when the worker is told to stop: it notifies once draining."""
         app.logger.warning("slow-notify started")
-        time.sleep(1.0)  # long enough for the test to stop the server meanwhile
+        state = es._state()
+        deadline = time.monotonic() + 20
+        while not state.draining and time.monotonic() < deadline:
+            time.sleep(0.01)  # polls, with a deadline, for the shutdown the test starts
         es.notify(entity, id)
-        return {"ok": True}
+        return {"ok": True, "draining": state.draining}
 
     @app.post("/_t/delete/<entity>/<id>")
     def delete_row(entity: str, id: str) -> Any:

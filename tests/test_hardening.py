@@ -246,7 +246,7 @@ def test_notify_still_works_while_the_worker_drains(uid: str) -> None:
         server.proc.send_signal(signal.SIGTERM)
         assert client.close_code(timeout=15) == 1001
         slow.join(15)
-        assert result == {"ok": True}
+        assert result == {"ok": True, "draining": True}
     finally:
         server.stop()
 
