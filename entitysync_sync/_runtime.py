@@ -9,6 +9,7 @@ the package uses the ``threading`` primitives, which gevent patches too.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from typing import Any, Callable, Protocol, TypeVar
@@ -52,8 +53,19 @@ def spawn_later(seconds: float, fn: Callable[..., Any], *args: Any) -> None:
         timer.start()
 
 
-def call_with_timeout(seconds: float, exc: BaseException, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``, or raise ``exc`` if it has not returned after ``seconds`` (0: no limit).
+def backoff(attempt: int, first: float, cap: float, jitter: bool = False) -> float:
+    """Seconds to wait before try ``attempt + 1``: ``first``, doubling, at most ``cap``.
+
+    With ``jitter`` the pause is drawn from its upper half, so that many
+    processes that failed together do not retry together.
+    """
+    delay: float = min(cap, first * 2.0 ** (attempt - 1))
+    return delay * random.uniform(0.5, 1.0) if jitter else delay
+
+
+def call_with_timeout(seconds: float, timed_out: Callable[[], BaseException],
+                      fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, or raise ``timed_out()`` if it has not returned after ``seconds`` (0: no limit).
 
     Under gevent the call is interrupted at its next blocking operation (a
     database query on a patched socket, say). Real threads cannot be
@@ -74,7 +86,7 @@ def call_with_timeout(seconds: float, exc: BaseException, fn: Callable[..., T], 
         except gevent.Timeout as fired:
             if fired is not timer:
                 raise
-            raise exc from None
+            raise timed_out() from None
         finally:
             timer.close()
     box: list[Any] = []
@@ -90,7 +102,7 @@ def call_with_timeout(seconds: float, exc: BaseException, fn: Callable[..., T], 
 
     threading.Thread(target=run, name="entitysync-fetch", daemon=True).start()
     if not done.wait(seconds):
-        raise exc
+        raise timed_out()
     ok, value = box[0]
     if ok:
         return value  # type: ignore[no-any-return]

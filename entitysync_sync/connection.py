@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import _runtime
 from . import protocol as p
-from .exceptions import FetchTimeoutError, ProtocolError
+from .exceptions import ProtocolError
+from .failures import FetchFailures, failure_message
 from .keys import EntityKey
 from .shared import FLUSH, EncodedFrame, SharedFrames
 
@@ -122,7 +123,7 @@ class Connection:
         self._outbox: deque[str | EncodedFrame] = deque()
         self._outbox_size = 0
         self._working = False
-        self._failures: dict[EntityKey, int] = {}
+        self._failures = FetchFailures(limits.fetch_retry_max)
         self._tokens = float(limits.rate_burst)
         self._tokens_at = time.monotonic()
         #: Set once the connection is closed; it then does nothing more.
@@ -219,9 +220,9 @@ class Connection:
         with self._lock:
             self._subscriptions.discard(key)
             self._pending.pop(key, None)
-            self._failures.pop(key, None)
             if self._shared:
                 self._shared.pop(key, None)
+        self._failures.forget(key)
         self._hub.unsubscribe(self, key)
         self._ack(ref)
 
@@ -400,8 +401,7 @@ class Connection:
         except Exception as exc:
             frames = self._fetch_failed(key, exc)
         else:
-            with self._lock:
-                self._failures.pop(key, None)
+            self._failures.forget(key)
             if not self._limits.envelope:
                 frames = rows or []
             elif rows is None:
@@ -415,29 +415,13 @@ class Connection:
             self._outbox_size += sum(map(len, frames))
 
     def _fetch_failed(self, key: EntityKey, exc: Exception) -> list[str]:
-        """Log, schedule a retry with backoff, and tell the client once per run of failures."""
-        with self._lock:
-            attempt = self._failures[key] = self._failures.get(key, 0) + 1
-        timed_out = isinstance(exc, FetchTimeoutError)
-        what = "timed out" if timed_out else "failed"
-        if attempt == 1:
-            if timed_out:
-                log.warning("fetch of %s %s", key, exc)
-            else:
-                log.error("fetch of %s failed", key, exc_info=exc)
-        else:
-            log.debug("fetch of %s %s again (attempt %d): %r", key, what, attempt, exc)
-        retry_max = self._limits.fetch_retry_max
-        if retry_max:
-            _runtime.spawn_later(min(retry_max, 0.5 * 2 ** (attempt - 1)), self._retry, key)
-        if attempt > 1 or not self._limits.envelope:
+        """Retry later; tell the client of the first failure of a run only."""
+        if not self._failures.failed(key, exc, self._retry) or not self._limits.envelope:
             return []
-        return [p.encode_error(p.FETCH_FAILED, f"fetching {key} {what}", None, key)]
+        return [p.encode_error(p.FETCH_FAILED, failure_message(key, exc), None, key)]
 
     def _retry(self, key: EntityKey) -> None:
-        with self._lock:
-            failing = key in self._failures
-        if failing:
+        if key in self._failures:
             self.request_refresh(key)
 
     def heartbeat(self) -> None:

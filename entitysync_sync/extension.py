@@ -443,10 +443,10 @@ class _State:
             log.info("entitysync started in process %d on %s", pid, self.bus.describe())
             _runtime.spawn(self._sweep, name="entitysync-sweeper")
             self._started_in = pid
-            if _runtime.gunicorn_workers() is not None:
-                self._drain_on_shutdown_signals()
+        workers = _runtime.gunicorn_workers()  # a scan of the heap: once per process
+        if workers is not None:
+            self._drain_on_shutdown_signals()
         if isinstance(self.bus, MemoryBus):
-            workers = _runtime.gunicorn_workers()
             if workers is not None and workers > 1:
                 log.warning(
                     "ENTITYSYNC_BUS_URL is %s but gunicorn runs %d workers: a notify reaches only "
@@ -530,16 +530,17 @@ class _State:
         return found is not None and found.shared
 
     def fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
-        timeout = self.settings.fetch_timeout
-        error = FetchTimeoutError(f"timed out after {timeout:g}s (ENTITYSYNC_FETCH_TIMEOUT)")
         started = time.monotonic()
         try:
-            rows = _runtime.call_with_timeout(timeout, error, self._fetch, key, secret)
+            rows = _runtime.call_with_timeout(self.settings.fetch_timeout, self._timed_out, self._fetch, key, secret)
         except Exception:
             self.metrics.fetch_failed(started)
             raise
         self.metrics.fetched(key, started, None if rows is None else len(rows))
         return rows
+
+    def _timed_out(self) -> FetchTimeoutError:
+        return FetchTimeoutError(f"timed out after {self.settings.fetch_timeout:g}s (ENTITYSYNC_FETCH_TIMEOUT)")
 
     def _fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
         entity = self.ext._entities[key.entity]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import _runtime
 from . import protocol as p
-from .exceptions import FetchTimeoutError
+from .failures import FetchFailures, failure_message
 from .keys import EntityKey
 
 if TYPE_CHECKING:
@@ -106,9 +106,7 @@ class Fanout:
     def __init__(self, handlers: SharedHandlers, envelope: bool = True, retry_max: float = 0.0) -> None:
         self._handlers = handlers
         self._envelope = envelope
-        self._retry_max = retry_max
-        #: Keys whose last fetch failed → failures in a row.
-        self._failures: dict[EntityKey, int] = {}
+        self._failures = FetchFailures(retry_max)
         self._lock = threading.Lock()
         #: Keys being fetched → whether another notification arrived meanwhile.
         self._running: dict[EntityKey, bool] = {}
@@ -150,43 +148,30 @@ class Fanout:
             raise
 
     def _after_fetch(self, key: EntityKey, hub: Hub, error: Exception | None) -> bool:
-        """Track failures and schedule a retry with backoff; whether to push the frames.
+        """Whether to push the frames: always after a success, after a failure only the first time.
 
-        Subscribers hear of the first failure of a run only; the retries go on
-        until a fetch succeeds or nobody subscribes, so clients converge once
-        the database is back.
+        A failure is retried with backoff until a fetch succeeds or nobody
+        subscribes, so clients converge once the database is back.
         """
-        with self._lock:
-            if error is None:
-                self._failures.pop(key, None)
-                return True
-            attempt = self._failures[key] = self._failures.get(key, 0) + 1
-        if attempt > 1:
-            log.debug("shared fetch of %s failed again (attempt %d): %r", key, attempt, error)
-        elif isinstance(error, FetchTimeoutError):
-            log.warning("fetch of %s %s", key, error)
-        else:
-            log.error("fetch of %s failed", key, exc_info=error)
-        if self._retry_max:
-            _runtime.spawn_later(min(self._retry_max, 0.5 * 2 ** (attempt - 1)), self._retry, key, hub)
-        return attempt == 1
+        if error is None:
+            self._failures.forget(key)
+            return True
+        return self._failures.failed(key, error, lambda key: self._retry(key, hub))
 
     def _retry(self, key: EntityKey, hub: Hub) -> None:
-        with self._lock:
-            failing = key in self._failures
-        if failing and hub.subscribers(key):
+        if key not in self._failures:
+            return
+        if hub.subscribers(key):
             self.request(key, hub)
-        elif failing:
-            with self._lock:
-                self._failures.pop(key, None)
+        else:
+            self._failures.forget(key)
 
     def build(self, key: EntityKey) -> SharedFrames:
         """Fetch ``key`` with ``secret=None`` and encode its frames, once."""
         try:
             rows = self._handlers.fetch(key, None)
         except Exception as exc:
-            what = "timed out" if isinstance(exc, FetchTimeoutError) else "failed"
-            texts = [p.encode_error(p.FETCH_FAILED, f"fetching {key} {what}", None, key)] if self._envelope else []
+            texts = [p.encode_error(p.FETCH_FAILED, failure_message(key, exc), None, key)] if self._envelope else []
             return SharedFrames(key, tuple(EncodedFrame.of(t) for t in texts), sum(map(len, texts)), exc)
         else:
             if not self._envelope:

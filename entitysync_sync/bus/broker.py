@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import random
 import time
 from collections import Counter
 from typing import Iterable, Sequence
@@ -255,8 +254,7 @@ class BrokerBus(Bus):
         failures = 0
         while True:
             if failures:
-                delay = min(self.retry_max, self.retry_min * 2 ** (failures - 1))
-                self._closing.wait(delay * random.uniform(0.5, 1.0))
+                self._closing.wait(_runtime.backoff(failures, self.retry_min, self.retry_max, jitter=True))
             else:
                 self._wake.wait()
             self._wake.clear()

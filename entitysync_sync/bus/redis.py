@@ -11,12 +11,12 @@ by resyncing after every (re)subscription.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
+from .. import _runtime
 from ..exceptions import ConfigError
 from .broker import BrokerBus
 
@@ -118,8 +118,8 @@ class RedisBus(BrokerBus):
                 self._read_failures += 1
                 if self._read_failures == 1:
                     log.warning("lost the subscription to %s (%s); reconnecting", self.describe(), exc)
-                delay = min(self.retry_max, 0.05 * 2 ** (self._read_failures - 1))
-                self._closing.wait(delay * random.uniform(0.5, 1.0))
+                self._closing.wait(_runtime.backoff(self._read_failures, self.retry_min, self.retry_max,
+                                                    jitter=True))
             finally:
                 try:
                     pubsub.close()
