@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator
 import pytest
 import websocket
 
+pytest_plugins = ["tests.brokers"]  # the broker and cluster fixtures of the bus tests
+
 ROOT = Path(__file__).resolve().parent.parent
 WS_PATH = "/ws/entity-sync/"
 SERVER_KINDS = ("gunicorn", "flask")

@@ -42,12 +42,6 @@ class Sink:
             self.resyncs.append(entity)
 
 
-@pytest.fixture(params=["redis", "nsq"])
-def broker(request: pytest.FixtureRequest) -> Iterator[Any]:
-    b = make_broker(request.param)
-    yield b
-    b.close()
-
 
 @pytest.fixture
 def buses() -> Iterator[list[BrokerBus]]:

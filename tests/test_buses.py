@@ -9,90 +9,14 @@ NSQ is a real nsqd when ``NSQD_BIN`` names one, else the protocol double in
 
 from __future__ import annotations
 
-import tempfile
 import threading
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
-from tests.brokers import make_broker
+from tests.brokers import converge, make_broker, seed, subscribed, until_pushed
 from tests.conftest import Client, Server, wait_for
 from tests.tcpproxy import TcpProxy
-
-BROKERS = ("redis", "nsq")
-
-
-@pytest.fixture(params=BROKERS)
-def broker_kind(request: pytest.FixtureRequest) -> str:
-    return request.param  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def broker(broker_kind: str) -> Iterator[Any]:
-    """The shared broker of this kind (never stopped by a test)."""
-    b = make_broker(broker_kind)
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def own_broker(broker_kind: str) -> Iterator[Any]:
-    """A broker of this test's own, which the test may stop and start."""
-    b = make_broker(broker_kind, own=True)
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def cluster(uid: str) -> Iterator[Callable[..., Server]]:
-    """Start servers with ``cluster(kind, broker, prefix=...)``; they share one database."""
-    db = Path(tempfile.mkdtemp(prefix="entitysync-db-")) / "rows.sqlite3"
-    started: list[Server] = []
-
-    def start(kind: str, broker: Any, prefix: str | None = None, url: str | None = None,
-              extra_args: tuple[str, ...] = (), **config: Any) -> Server:
-        config = {"ENTITYSYNC_BUS_URL": url or broker.url(),
-                  "ENTITYSYNC_TOPIC_PREFIX": uid + "_" if prefix is None else prefix, **config}
-        server = Server(kind, config, extra_args=extra_args, extra_env={"ENTITYSYNC_TEST_DB": str(db)})
-        started.append(server)
-        wait_for(lambda: server.get("/_t/bus-ready")["ready"], timeout=30, message="the bus subscriptions")
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-def seed(server: Server, id: str, value: Any) -> None:
-    """Write a row without notifying, so no stray push follows a test's first one."""
-    server.post(f"/_t/set-quietly/items/{id}", {"value": value})
-
-
-def until_pushed(client: Client, entity: str, id: str, value: Any, timeout: float = 15.0) -> None:
-    client.expect_push(entity, id, lambda body: body.get("value") == value, timeout=timeout)
-
-
-def converge(client: Client, expected: dict[str, Any], timeout: float = 30.0) -> None:
-    """Read pushes until the latest value of every ``items`` id equals ``expected``."""
-    latest: dict[str, Any] = {}
-
-    def done(frame: Any) -> bool:
-        if frame.get("action") == "push" and frame["key"]["entity"] == "items":
-            latest[frame["key"]["id"]] = frame["body"].get("value")
-        return all(latest.get(id) == value for id, value in expected.items())
-
-    if expected:
-        try:
-            client.expect(done, timeout=timeout)
-        except AssertionError:
-            raise AssertionError(f"client did not converge: latest {latest!r}, expected {expected!r}") from None
-
-
-def subscribed(client: Client, server: Server, entity: str, id: str, value: Any) -> Client:
-    client.subscribe(entity, id)
-    until_pushed(client, entity, id, value)
-    return client
 
 
 def test_a_notify_on_one_server_reaches_clients_of_another(broker: Any, cluster: Callable[..., Server],

@@ -13,12 +13,12 @@ import socket
 import threading
 from typing import Any, Callable
 
+from tests.brokers import converge, seed
 from tests.conftest import Client, Server, wait_for
-from tests.test_buses import broker_kind, cluster, converge, own_broker, seed  # noqa: F401 - fixtures
 
 
 def test_every_client_converges_after_a_broker_restart_and_dropped_clients(
-        own_broker: Any, cluster: Callable[..., Server], uid: str) -> None:  # noqa: F811 - fixtures
+        own_broker: Any, cluster: Callable[..., Server], uid: str) -> None:
     rng = random.Random(uid)
     servers = [cluster("gunicorn", own_broker), cluster("flask", own_broker)]
     ids = [f"{uid}-{n}" for n in range(8)]

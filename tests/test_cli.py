@@ -7,22 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import pytest
 from flask import Flask
 
 from entitysync_sync import EntitySync
-from tests.brokers import free_port, make_broker
+from tests.brokers import free_port, make_broker, seed, subscribed, until_pushed
 from tests.conftest import ROOT, Client, Server
-from tests.test_buses import cluster, seed, subscribed, until_pushed  # noqa: F401 - the cluster fixture
-
-
-@pytest.fixture(params=["redis", "nsq"])
-def broker(request: pytest.FixtureRequest) -> Iterator[Any]:
-    b = make_broker(request.param)
-    yield b
-    b.close()
 
 
 def make_app(**config: Any) -> Flask:
@@ -96,7 +87,7 @@ def test_stats_exits_1_when_the_broker_is_unreachable() -> None:
 # -- real commands, real servers ----------------------------------------------------
 
 
-def test_notify_from_the_command_line_reaches_a_running_server(broker: Any, cluster: Callable[..., Server],  # noqa: F811
+def test_notify_from_the_command_line_reaches_a_running_server(broker: Any, cluster: Callable[..., Server],
                                                                uid: str) -> None:
     server = cluster("gunicorn", broker)
     ids = [f"{uid}-1", f"{uid}-2"]
@@ -118,7 +109,7 @@ def test_notify_from_the_command_line_reaches_a_running_server(broker: Any, clus
             client.close()
 
 
-def test_stats_from_the_command_line_counts_subscribed_servers_on_redis(cluster: Callable[..., Server],  # noqa: F811
+def test_stats_from_the_command_line_counts_subscribed_servers_on_redis(cluster: Callable[..., Server],
                                                                         uid: str) -> None:
     broker = make_broker("redis")
     cluster("gunicorn", broker)

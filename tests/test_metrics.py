@@ -20,9 +20,8 @@ from entitysync_sync import protocol as p
 from entitysync_sync.keys import NotifiedKey
 from entitysync_sync.metrics import BUCKETS, Histogram, Metrics
 from entitysync_sync.testing import LiveServer
-from tests.brokers import make_broker
+from tests.brokers import make_broker, seed, subscribed, until_pushed
 from tests.conftest import Client, Server, wait_for
-from tests.test_buses import cluster, seed, subscribed, until_pushed  # noqa: F401 - the cluster fixture
 
 # -- the notify time on the bus --------------------------------------------------
 
@@ -178,14 +177,8 @@ def test_the_bus_start_is_logged_at_info(caplog: pytest.LogCaptureFixture) -> No
 # -- across real servers ---------------------------------------------------------
 
 
-@pytest.fixture(params=["redis", "nsq"])
-def broker(request: pytest.FixtureRequest) -> Iterator[Any]:
-    b = make_broker(request.param)
-    yield b
-    b.close()
 
-
-def test_notify_to_push_is_measured_across_servers(broker: Any, cluster: Callable[..., Server],  # noqa: F811
+def test_notify_to_push_is_measured_across_servers(broker: Any, cluster: Callable[..., Server],
                                                    uid: str) -> None:
     a = cluster("gunicorn", broker)
     b = cluster("flask", broker)
@@ -205,7 +198,7 @@ def test_notify_to_push_is_measured_across_servers(broker: Any, cluster: Callabl
         client.close()
 
 
-def test_a_broker_restart_counts_as_a_bus_reconnect(cluster: Callable[..., Server],  # noqa: F811
+def test_a_broker_restart_counts_as_a_bus_reconnect(cluster: Callable[..., Server],
                                                     uid: str) -> None:
     broker = make_broker("redis", own=True)
     try:

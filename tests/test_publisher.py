@@ -15,17 +15,9 @@ from flask import Flask
 from entitysync_sync import BusError, ConfigError, EntityKey, EntitySync, InvalidKeyError, Publisher
 from entitysync_sync.bus.nsq import NsqBus
 from entitysync_sync.testing import LiveServer
-from tests.brokers import free_port, make_broker
+from tests.brokers import free_port, make_broker, seed, subscribed, until_pushed
 from tests.conftest import ROOT, Client, Server, wait_for
 from tests.tcpproxy import TcpProxy
-from tests.test_buses import cluster, seed, subscribed, until_pushed  # noqa: F401 - the cluster fixture
-
-
-@pytest.fixture(params=["redis", "nsq"])
-def broker(request: pytest.FixtureRequest) -> Iterator[Any]:
-    b = make_broker(request.param)
-    yield b
-    b.close()
 
 
 @pytest.fixture
@@ -107,7 +99,7 @@ def test_flush_fails_clearly_when_the_broker_is_unreachable_and_never_shows_cred
     assert publisher.closed
 
 
-def test_a_publisher_holds_notifications_until_the_broker_is_back(broker: Any, cluster: Callable[..., Server],  # noqa: F811
+def test_a_publisher_holds_notifications_until_the_broker_is_back(broker: Any, cluster: Callable[..., Server],
                                                                   uid: str, publishers: list[Publisher]) -> None:
     server = cluster("gunicorn", broker)
     seed(server, uid, "v0")
@@ -134,7 +126,7 @@ def test_a_publisher_holds_notifications_until_the_broker_is_back(broker: Any, c
 # -- reaching running servers -------------------------------------------------------
 
 
-def test_a_publisher_reaches_every_server(broker: Any, cluster: Callable[..., Server],  # noqa: F811
+def test_a_publisher_reaches_every_server(broker: Any, cluster: Callable[..., Server],
                                           uid: str) -> None:
     a = cluster("gunicorn", broker)
     b = cluster("flask", broker)
@@ -157,7 +149,7 @@ def test_a_publisher_reaches_every_server(broker: Any, cluster: Callable[..., Se
         on_b.close()
 
 
-def test_a_publisher_subscribes_to_nothing(cluster: Callable[..., Server], uid: str,  # noqa: F811
+def test_a_publisher_subscribes_to_nothing(cluster: Callable[..., Server], uid: str,
                                            publishers: list[Publisher]) -> None:
     import redis
 
@@ -174,7 +166,7 @@ def test_a_publisher_subscribes_to_nothing(cluster: Callable[..., Server], uid: 
         client.close()
 
 
-def test_a_short_lived_script_publishes_before_it_exits(broker: Any, cluster: Callable[..., Server],  # noqa: F811
+def test_a_short_lived_script_publishes_before_it_exits(broker: Any, cluster: Callable[..., Server],
                                                         uid: str) -> None:
     server = cluster("flask", broker)
     seed(server, uid, "v0")
