@@ -273,7 +273,20 @@ class EntitySync:
 
     def _serve(self, ws: Any) -> None:
         state = self._states[current_app._get_current_object()]  # type: ignore[attr-defined]
-        transport = WebSocketTransport(ws, state.settings.max_message_bytes)
+        transport = WebSocketTransport(ws, state.settings.max_message_bytes, state.settings.send_timeout)
+        try:
+            self._converse(state, transport, ws)
+        except Exception:
+            # Logged here so that it never escapes into the server's own error
+            # handling, which would write an HTTP response onto the websocket.
+            log.exception("the websocket handler failed")
+        finally:
+            try:
+                transport.finish()
+            except Exception:
+                log.debug("ending the websocket stream failed", exc_info=True)
+
+    def _converse(self, state: _State, transport: WebSocketTransport, ws: Any) -> None:
         if state.closed or state.draining:
             transport.close(p.CLOSE_GOING_AWAY, "server shutting down")
             return
@@ -304,9 +317,11 @@ class EntitySync:
                     conn.receive(data)
         except ConnectionClosed:
             pass
+        except Exception:
+            log.exception("the websocket handler failed; closing the connection with 1011")
+            conn.close(p.CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             conn.close()
-            transport.drain()
 
 
 _CLIENT_JS = Path(__file__).with_name("static") / "entitysync.js"
@@ -465,10 +480,13 @@ class _State:
         next_ping = time.monotonic() + ping_every
         while not self.closed:
             time.sleep(interval)
-            self.hub.sweep(self.settings.send_timeout)
-            if ping_every and time.monotonic() >= next_ping:
-                next_ping += ping_every
-                self.hub.heartbeat()
+            try:
+                self.hub.sweep(self.settings.send_timeout)
+                if ping_every and time.monotonic() >= next_ping:
+                    next_ping += ping_every
+                    self.hub.heartbeat()
+            except Exception:  # one bad connection must not end pings and send timeouts for all
+                log.exception("the connection sweeper failed; it carries on")
 
     def _drain_on_shutdown_signals(self) -> None:
         """Close websockets with 1001 as soon as the gunicorn worker is told to stop.

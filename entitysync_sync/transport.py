@@ -29,10 +29,13 @@ from .shared import EncodedFrame
 
 log = logging.getLogger("entitysync_sync")
 
-#: Seconds a closed connection waits for the peer's close frame before the
+#: Least seconds a closed connection waits for the peer's close frame before the
 #: socket is shut for reading too.
 CLOSE_LINGER = 2.0
-#: Seconds a close waits for a frame being written to finish before giving up on the close frame.
+#: Seconds a close waits, by default, for a frame being written to finish before
+#: giving up on the close frame. The extension passes ENTITYSYNC_SEND_TIMEOUT:
+#: a client that reads, however slowly, gets its close frame after the frames
+#: before it, as long as each is written within the send timeout.
 CLOSE_WAIT = 1.0
 
 
@@ -56,6 +59,14 @@ class _SerialSocket:
 
     sendall = send
 
+    def close(self) -> None:
+        """Leave the socket open: :meth:`WebSocketTransport.finish` ends it.
+
+        simple-websocket's reader closes its socket as soon as it stops
+        reading, which can be while a close frame we sent is unread and the
+        peer is still sending; the kernel would then reset the connection.
+        """
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
@@ -66,11 +77,15 @@ class WebSocketTransport:
     _deflate: bool | None = None
     _nowait: bool | None = None
 
-    def __init__(self, ws: Any, max_message_bytes: int | None = None) -> None:
+    def __init__(self, ws: Any, max_message_bytes: int | None = None,
+                 close_wait: float = CLOSE_WAIT) -> None:
         self._ws = ws
+        self._close_wait = close_wait
         self._lock = threading.RLock()
         self._raw = ws.sock
         self._close_sent = False
+        #: The code and reason of the first close asked for; the one the client must get.
+        self._close_wanted: tuple[int, str] | None = None
         ws.sock = _SerialSocket(ws.sock, self._lock)
         if max_message_bytes:
             # Read by simple-websocket on each message; larger ones close with 1009.
@@ -156,6 +171,8 @@ class WebSocketTransport:
         if not self._lock.acquire(blocking=False):
             return True  # a frame is being written; the send timeout watches that
         try:
+            if not ws.connected:
+                return True  # closing: the handler ends the stream, and no ping may follow a close frame
             if ws.sock.residue:
                 return True  # a frame is half written; the send timeout watches that
             if not ws.pong_received:
@@ -167,67 +184,133 @@ class WebSocketTransport:
         return True
 
     def close(self, code: int, reason: str) -> None:
-        """Send a close frame once no write is in progress, then shut the socket.
+        """Send a close frame once no write is in progress; never blocks the caller.
 
-        Never blocks the caller. If a frame is being written, the close frame
-        follows it; a writer stuck on a stalled client for CLOSE_WAIT seconds
-        gets no close frame: the socket is shut down, which wakes the stuck
-        writer and the reader.
+        If a frame is being written (or was left half written by
+        :meth:`try_send_frame`), the close frame follows it from a greenlet
+        or thread of its own. The websocket handler calls :meth:`finish`
+        before it returns, which completes the close and ends the stream.
         """
+        if self._close_wanted is None:
+            self._close_wanted = (code, reason)
         if self._lock.acquire(blocking=False):
-            self._close_holding_lock(code, reason)
-        else:
-            _runtime.spawn(self._close_after_write, code, reason, name="entitysync-close")
+            if not self._ws.sock.residue:
+                self._close_holding_lock(code, reason)
+                return
+            self._lock.release()
+        _runtime.spawn(self._close_after_write, code, reason, name="entitysync-close")
 
     def _close_after_write(self, code: int, reason: str) -> None:
-        if self._lock.acquire(timeout=CLOSE_WAIT):
-            self._close_holding_lock(code, reason)
-        else:
-            self._shutdown(socket.SHUT_RDWR)
+        """Wait up to ``close_wait`` for a write in progress, then send the close frame."""
+        if self._lock.acquire(timeout=self._close_wait):
+            if self._finish_residue(time.monotonic() + self._close_wait):
+                self._close_holding_lock(code, reason)
+                return
+            self._lock.release()
+        # A writer stuck on a stalled client: no close frame can follow a half
+        # written frame. Shutting the socket wakes the writer and the reader.
+        self._shutdown(socket.SHUT_RDWR)
 
-    def drain(self, seconds: float = CLOSE_LINGER) -> None:
-        """After sending a close frame, read and discard until the peer closes, or ``seconds``.
-
-        Closing a socket with unread input makes the kernel reset the
-        connection, and a reset can destroy the close frame before the client
-        reads it; a client that was still sending (a flood, say) would then
-        see no close code. So the handler drains before it returns.
-        """
-        if not self._close_sent:
-            return
-        deadline = time.monotonic() + seconds
-        try:
-            while (remaining := deadline - time.monotonic()) > 0:
-                self._raw.settimeout(remaining)
-                if not self._raw.recv(65536):
-                    return
-        except OSError:
-            return
+    def _finish_residue(self, deadline: float) -> bool:
+        """With the lock held: write the end of a half written frame, until ``deadline``."""
+        serial = self._ws.sock
+        while serial.residue:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                sent = self._raw.send(serial.residue, 0, remaining)  # gevent's socket
+            except BlockingIOError:
+                continue
+            except OSError:
+                return False
+            serial.residue = serial.residue[sent:]
+        return True
 
     def _close_holding_lock(self, code: int, reason: str) -> None:
-        sent = False
         try:
-            # A frame cut short by try_send_frame must be finished before a close frame.
             if self._ws.connected and not self._ws.sock.residue:
                 self._ws.close(code, reason)
-                sent = self._close_sent = True
+                self._close_sent = True
         except Exception:
             log.debug("sending a close frame failed", exc_info=True)
         finally:
             self._lock.release()
-        if sent:
-            # Let the peer read the close frame and answer; force it shut later.
-            self._shutdown(socket.SHUT_WR)
-            _runtime.spawn(self._linger, name="entitysync-close")
-        else:
-            self._shutdown(socket.SHUT_RDWR)
 
-    def _linger(self) -> None:
-        time.sleep(CLOSE_LINGER)
+    def finish(self, linger: float | None = None) -> None:
+        """End the stream; the websocket handler calls this last, before it returns.
+
+        Once this returns no byte can be written to the stream: not a frame of
+        ours, not the close (1000) that flask-sock sends after the handler,
+        not the HTTP response that Werkzeug's development server writes then.
+        So the close frame the server decided is the last thing the client
+        reads. In order:
+
+        * a close frame still waiting for a write in progress is sent, waiting
+          up to ``close_wait`` for that write (the handler may block, its
+          caller may not);
+        * simple-websocket's reader is given up to ``linger`` seconds (by
+          default the larger of CLOSE_LINGER and ``close_wait``) to read
+          the peer's answer and stop; it is the only reader of the socket
+          until then (two readers raise gevent's ConcurrentObjectUseError);
+        * input is then read and discarded until the peer's close frame or
+          end of stream, within the same ``linger``: closing a socket with
+          unread input makes the kernel reset the connection, and a reset can
+          destroy the close frame before a client that is still sending (a
+          flood, say) has read it;
+        * the socket is shut down both ways; the server closes it.
+        """
+        if linger is None:
+            linger = max(CLOSE_LINGER, self._close_wait)
+        deadline = time.monotonic() + linger
+        ws = self._ws
+        if ws.connected and self._lock.acquire(timeout=self._close_wait):
+            if not self._close_sent and ws.connected and self._finish_residue(deadline):
+                # A close still waiting for a write, or none at all (1000).
+                self._close_holding_lock(*(self._close_wanted or (1000, "")))
+            else:
+                self._lock.release()
+        ws.connected = False  # flask-sock's own close(1000) after the handler is then a no-op
+        reader = getattr(ws, "thread", None)
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(max(0.0, deadline - time.monotonic()))
+            if reader.is_alive():
+                self._shutdown(socket.SHUT_RD)  # wakes the reader's recv with end of stream
+                reader.join(CLOSE_LINGER)
+            else:
+                self._discard_input(deadline)
         self._shutdown(socket.SHUT_RDWR)
+
+    def _discard_input(self, deadline: float) -> None:
+        """Read until the peer's close frame, end of stream or ``deadline``."""
+        proto = self._ws.ws
+        if _peer_closed(proto):
+            return
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                self._raw.settimeout(remaining)
+                data = self._raw.recv(65536)
+                if not data:
+                    return
+                proto.receive_data(data)
+                for _event in proto.events():
+                    pass
+                if _peer_closed(proto):
+                    return
+        except OSError:
+            return
+        except Exception:  # a protocol error in what the peer sent after our close
+            log.debug("discarding input after a close", exc_info=True)
 
     def _shutdown(self, how: int) -> None:
         try:
             self._raw.shutdown(how)
         except OSError:
             pass
+
+
+def _peer_closed(proto: Any) -> bool:
+    """Whether wsproto has read the peer's close frame."""
+    from wsproto.connection import ConnectionState
+
+    return proto.state in (ConnectionState.CLOSED, ConnectionState.REMOTE_CLOSING)
