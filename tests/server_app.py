@@ -228,6 +228,12 @@ def create_app() -> Flask:
         es.notify(entity, id)
         return {"ok": True, "draining": state.draining}
 
+    @app.post("/_t/drain")
+    def drain() -> Any:
+        """What a shutdown signal does in a gunicorn worker: close every websocket with 1001."""
+        es._state().drain()
+        return {"ok": True}
+
     @app.post("/_t/delete/<entity>/<id>")
     def delete_row(entity: str, id: str) -> Any:
         rows.pop(id, None)
