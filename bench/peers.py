@@ -40,7 +40,7 @@ from typing import Any
 from flask import Flask, request
 
 from entitysync_sync import EntityKey, EntitySync
-from entitysync_sync.shared import encode_text_frame
+from entitysync_sync.frames import encode_text_frame
 
 _values: Counter[str] = Counter()
 _fetches: Counter[str] = Counter()
@@ -110,7 +110,7 @@ def entitysync_app() -> Flask:
 
     @app.get("/bus-stats")
     def bus_stats() -> dict[str, Any]:
-        es._state().ensure_started()
+        es.runtime().ensure_started()
         return es.bus().stats()
 
     return app

@@ -18,31 +18,26 @@ broker cannot be reached, so it also serves as a health check.
 from __future__ import annotations
 
 import json
-import socket
-import urllib.request
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from .bus import bus_class
 from .exceptions import EntitySyncError
 from .keys import EntityKey
-
-if TYPE_CHECKING:
-    from .extension import _State
+from .publisher import Publisher
+from .runtime import EXTENSION_NAME, Runtime
 
 cli = AppGroup("entitysync", help="Notify subscribers and check the entitysync bus.")
 
 
-def _state() -> _State:
-    from .extension import EXTENSION_NAME
-
-    state = current_app.extensions.get(EXTENSION_NAME)
-    if state is None:  # pragma: no cover - the group is added by init_app
+def _runtime() -> Runtime:
+    runtime = current_app.extensions.get(EXTENSION_NAME)
+    if not isinstance(runtime, Runtime):  # pragma: no cover - the group is added by init_app
         raise click.ClickException("EntitySync is not registered on this app: call init_app(app)")
-    return state  # type: ignore[no-any-return]
+    return runtime
 
 
 @cli.command("notify")
@@ -52,18 +47,16 @@ def _state() -> _State:
               help="Seconds to wait for the broker to accept the notifications.")
 def notify_command(entity: str, ids: tuple[str, ...], timeout: float) -> None:
     """Tell every server that ENTITY rows IDS... changed, e.g. `notify items 100 101`."""
-    from .publisher import Publisher
-
-    state = _state()
-    settings = state.settings
-    if urlsplit(settings.bus_url).scheme == "memory":
+    runtime = _runtime()
+    settings = runtime.settings
+    if bus_class(settings.bus_url).in_process:
         raise click.ClickException(
             f"ENTITYSYNC_BUS_URL is {settings.bus_url}, which reaches only the process it runs in, "
             "not a running server. Set it (e.g. FLASK_ENTITYSYNC_BUS_URL) to the redis:// or nsq:// "
             "URL the servers use."
         )
-    if entity not in state.ext.entities:
-        known = ", ".join(sorted(state.ext.entities)) or "none"
+    if entity not in runtime.registry.entities:
+        known = ", ".join(sorted(runtime.registry.entities)) or "none"
         raise click.ClickException(f"no entity {entity!r} is registered in this app (registered: {known})")
     try:
         keys = [EntityKey(entity, id) for id in ids]
@@ -88,10 +81,10 @@ def stats_command(as_json: bool, timeout: float) -> None:
     A running server's counters live in that server: read them with
     es.stats() (for example from a view of your own) or with Prometheus.
     """
-    state = _state()
-    settings = state.settings
-    bus = state.bus
-    entities = sorted(state.ext.entities)
+    runtime = _runtime()
+    settings = runtime.settings
+    bus = runtime.bus
+    entities = sorted(runtime.registry.entities)
     report: dict[str, Any] = {
         "bus": bus.describe(),
         "topic_prefix": settings.topic_prefix,
@@ -127,55 +120,6 @@ def probe(url: str, topics: list[str], timeout: float) -> dict[str, Any]:
     Returns ``reachable`` (True, False, or None for ``memory://``), a
     ``detail`` message (never with credentials) and, on Redis, ``subscribers``:
     the number of connections subscribed to each topic's channel, one per
-    server process.
+    server process. Each bus says this for itself (``BufferedBus.probe``).
     """
-    scheme = urlsplit(url).scheme
-    if scheme == "memory":
-        return {"reachable": None,
-                "detail": "memory:// is in-process: another process cannot reach or inspect it"}
-    if scheme in ("redis", "rediss"):
-        return _probe_redis(url, topics, timeout)
-    if scheme == "nsq":
-        return _probe_nsq(url, timeout)
-    return {"reachable": False, "detail": f"unsupported bus {scheme}://"}
-
-
-def _probe_redis(url: str, topics: list[str], timeout: float) -> dict[str, Any]:
-    from .bus.redis import _import_redis, redact
-
-    redis = _import_redis()
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
-    try:
-        client.ping()
-        counts = dict(client.pubsub_numsub(*topics)) if topics else {}
-    except (redis.RedisError, OSError) as exc:
-        return {"reachable": False, "detail": f"{redact(url)}: {str(exc)[:200]}"}
-    finally:
-        client.close()
-    subscribers = {(t.decode() if isinstance(t, bytes) else t): int(n) for t, n in counts.items()}
-    return {"reachable": True, "detail": "PING answered", "subscribers": subscribers}
-
-
-def _probe_nsq(url: str, timeout: float) -> dict[str, Any]:
-    from .bus.nsq import parse_nsq_url
-
-    parsed = parse_nsq_url(url)
-    failed: list[str] = []
-    for address in parsed["nsqd"]:
-        host, _, port = address.rpartition(":")
-        try:
-            # nsqd speaks first only after the client's magic; a TCP connection is what can be checked.
-            with socket.create_connection((host, int(port)), timeout=timeout):
-                pass
-        except OSError as exc:
-            failed.append(f"nsqd {address}: {exc}")
-    for address in parsed["lookupd"]:
-        try:
-            with urllib.request.urlopen(address.rstrip("/") + "/ping", timeout=timeout) as resp:
-                resp.read()
-        except OSError as exc:
-            failed.append(f"lookupd {address}: {exc}")
-    if failed:
-        return {"reachable": False, "detail": "; ".join(failed)[:400]}
-    where = len(parsed["nsqd"]) + len(parsed["lookupd"])
-    return {"reachable": True, "detail": f"{where} address(es) accept connections"}
+    return bus_class(url).probe(url, topics, timeout)

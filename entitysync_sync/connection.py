@@ -22,17 +22,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 
-from . import _runtime
 from . import protocol as p
 from .exceptions import ProtocolError
 from .failures import FetchFailures, failure_message
+from .frames import FLUSH, EncodedFrame, SharedFrames
+from .hub import Hub
 from .keys import EntityKey
-from .shared import FLUSH, EncodedFrame, SharedFrames
-
-if TYPE_CHECKING:
-    from .hub import Hub
 
 log = logging.getLogger("entitysync_sync")
 
@@ -123,7 +120,7 @@ class Connection:
         self._outbox: deque[str | EncodedFrame] = deque()
         self._outbox_size = 0
         self._working = False
-        self._failures = FetchFailures(limits.fetch_retry_max)
+        self._failures = FetchFailures(limits.fetch_retry_max, hub.tasks)
         self._tokens = float(limits.rate_burst)
         self._tokens_at = time.monotonic()
         #: Set once the connection is closed; it then does nothing more.
@@ -282,7 +279,7 @@ class Connection:
         if overflow:
             self.close(p.CLOSE_POLICY_VIOLATION, "outbox limit exceeded")
         elif start:
-            _runtime.spawn(self._work, name="entitysync-connection")
+            self._hub.tasks.spawn(self._work)
 
     def request_refresh(self, key: EntityKey) -> None:
         """Schedule a fetch and push of ``key``; coalesces with one already pending."""
@@ -293,7 +290,7 @@ class Connection:
             if self._working:
                 return
             self._working = True
-        _runtime.spawn(self._work, name="entitysync-connection")
+        self._hub.tasks.spawn(self._work)
 
     def _work(self) -> None:
         while True:
@@ -375,7 +372,7 @@ class Connection:
             if self.closed or not (self._outbox or self._pending or self._shared):
                 self._working = False
                 return
-        _runtime.spawn(self._work, name="entitysync-connection")
+        self._hub.tasks.spawn(self._work)
 
     def _write_now(self, frames: tuple[EncodedFrame, ...]) -> list[EncodedFrame]:
         """Write ``frames`` without waiting; the frames still to write (``FLUSH`` first if one was cut)."""
@@ -402,12 +399,7 @@ class Connection:
             frames = self._fetch_failed(key, exc)
         else:
             self._failures.forget(key)
-            if not self._limits.envelope:
-                frames = rows or []
-            elif rows is None:
-                frames = [p.encode_gone(key)]
-            else:
-                frames = [p.encode_push(key, row) for row in rows]
+            frames = p.encode_result(key, rows, self._limits.envelope)
         with self._lock:
             if self.closed or key not in self._subscriptions or generation != self._generation:
                 return  # unsubscribed, or fetched with a secret that is no longer current
@@ -416,9 +408,9 @@ class Connection:
 
     def _fetch_failed(self, key: EntityKey, exc: Exception) -> list[str]:
         """Retry later; tell the client of the first failure of a run only."""
-        if not self._failures.failed(key, exc, self._retry) or not self._limits.envelope:
+        if not self._failures.failed(key, exc, self._retry):
             return []
-        return [p.encode_error(p.FETCH_FAILED, failure_message(key, exc), None, key)]
+        return p.encode_fetch_failed(key, failure_message(key, exc), self._limits.envelope)
 
     def _retry(self, key: EntityKey) -> None:
         if key in self._failures:

@@ -1,7 +1,7 @@
 """Failed fetches: how they are logged, what the client is told, when they are retried.
 
 Per-subscriber refreshes (:mod:`entitysync_sync.connection`) and shared
-fetches (:mod:`entitysync_sync.shared`) fail the same way and must recover
+fetches (:mod:`entitysync_sync.fanout`) fail the same way and must recover
 the same way: a client hears of the first failure of a run only, the log
 gets one error per run (later attempts at debug level), and the key is
 fetched again with backoff until a fetch succeeds, so clients converge once
@@ -14,7 +14,8 @@ import logging
 import threading
 from typing import Callable
 
-from . import _runtime
+from .backoff import backoff
+from .concurrency import Tasks
 from .exceptions import FetchTimeoutError
 from .keys import EntityKey
 
@@ -33,10 +34,12 @@ class FetchFailures:
     """The keys whose last fetch failed, with how many times in a row; safe across threads.
 
     :param retry_max: the longest pause between retries, in seconds (0: no retries).
+    :param tasks: where retries wait and run.
     """
 
-    def __init__(self, retry_max: float) -> None:
+    def __init__(self, retry_max: float, tasks: Tasks) -> None:
         self.retry_max = retry_max
+        self._tasks = tasks
         self._counts: dict[EntityKey, int] = {}
         self._lock = threading.Lock()
 
@@ -51,7 +54,7 @@ class FetchFailures:
         else:
             log.error("fetch of %s failed", key, exc_info=exc)
         if self.retry_max:
-            _runtime.spawn_later(_runtime.backoff(attempt, FIRST_RETRY, self.retry_max), retry, key)
+            self._tasks.spawn_later(backoff(attempt, FIRST_RETRY, self.retry_max), retry, key)
         return attempt == 1
 
     def forget(self, key: EntityKey) -> None:

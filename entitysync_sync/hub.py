@@ -10,54 +10,85 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
+from .concurrency import Tasks
+from .frames import SharedFrames
 from .keys import EntityKey
 
-if TYPE_CHECKING:
-    from .connection import Connection
-    from .shared import Fanout
+
+class Subscriber(Protocol):
+    """One local client, as the hub sees it (implemented by :class:`~entitysync_sync.connection.Connection`)."""
+
+    def request_refresh(self, key: EntityKey) -> None:
+        """Schedule a fetch and push of ``key``; only queues work."""
+
+    def push_shared(self, shared: SharedFrames) -> None:
+        """Send the frames of a shared fetch; only queues work on a busy connection."""
+
+    def heartbeat(self) -> None:
+        """Ping the client, closing it if it never answered the last ping."""
+
+    def check_send_timeout(self, now: float, timeout: float) -> None:
+        """Close the client if its current write started over ``timeout`` seconds ago."""
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection."""
+
+
+class SharedFetches(Protocol):
+    """Where keys of shared entities go instead of each subscriber's refresh
+    (implemented by :class:`~entitysync_sync.fanout.Fanout`)."""
+
+    def handles(self, key: EntityKey) -> bool:
+        """Whether ``key`` belongs to a shared entity."""
+
+    def request(self, key: EntityKey, hub: Hub) -> None:
+        """Fetch ``key`` once and push it to its subscribers in ``hub``; only queues work."""
 
 
 class Hub:
-    """Local connections and the key → connections map, safe across threads."""
+    """Local connections and the key → connections map, safe across threads.
 
-    #: Where keys of shared entities go instead of each subscriber's refresh (set by the extension).
-    fanout: Fanout | None = None
+    :param tasks: where the connections run their background work.
+    :param fanout: where keys of shared entities go, if any are registered.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, tasks: Tasks | None = None, fanout: SharedFetches | None = None) -> None:
+        self.tasks = tasks if tasks is not None else Tasks("entitysync-hub")
+        self.fanout = fanout
         self._lock = threading.Lock()
-        self._connections: set[Connection] = set()
-        self._subscribers: dict[EntityKey, set[Connection]] = {}
+        self._connections: set[Subscriber] = set()
+        self._subscribers: dict[EntityKey, set[Subscriber]] = {}
         #: Rounds of pings sent so far.
         self.heartbeats = 0
 
     # -- membership ------------------------------------------------------------
 
-    def add(self, conn: Connection) -> None:
+    def add(self, conn: Subscriber) -> None:
         """Track a new connection."""
         with self._lock:
             self._connections.add(conn)
 
-    def remove(self, conn: Connection, keys: Iterable[EntityKey]) -> None:
+    def remove(self, conn: Subscriber, keys: Iterable[EntityKey]) -> None:
         """Forget a closed connection and its subscriptions to ``keys``."""
         with self._lock:
             self._connections.discard(conn)
             for key in keys:
                 self._discard(conn, key)
 
-    def subscribe(self, conn: Connection, key: EntityKey) -> None:
+    def subscribe(self, conn: Subscriber, key: EntityKey) -> None:
         """Route future notifications of ``key`` to ``conn``."""
         with self._lock:
             if conn in self._connections:
                 self._subscribers.setdefault(key, set()).add(conn)
 
-    def unsubscribe(self, conn: Connection, key: EntityKey) -> None:
+    def unsubscribe(self, conn: Subscriber, key: EntityKey) -> None:
         """Stop routing ``key`` to ``conn``."""
         with self._lock:
             self._discard(conn, key)
 
-    def _discard(self, conn: Connection, key: EntityKey) -> None:
+    def _discard(self, conn: Subscriber, key: EntityKey) -> None:
         conns = self._subscribers.get(key)
         if conns is not None:
             conns.discard(conn)
@@ -68,16 +99,17 @@ class Hub:
 
     def deliver(self, keys: Sequence[EntityKey]) -> None:
         """Ask every local subscriber of each key to refresh it."""
+        fanout = self.fanout
         for key in keys:
-            if self.fanout is not None and key in self._subscribers and self.fanout.handles(key):
-                self.fanout.request(key, self)
+            if fanout is not None and key in self._subscribers and fanout.handles(key):
+                fanout.request(key, self)
                 continue
             with self._lock:
                 conns = tuple(self._subscribers.get(key, ()))
             for conn in conns:
                 conn.request_refresh(key)
 
-    def subscribers(self, key: EntityKey) -> tuple[Connection, ...]:
+    def subscribers(self, key: EntityKey) -> tuple[Subscriber, ...]:
         """The local connections subscribed to ``key`` right now."""
         with self._lock:
             return tuple(self._subscribers.get(key, ()))

@@ -10,8 +10,9 @@ client or a view spelled it.
 from __future__ import annotations
 
 import re
+from typing import Iterable
 
-from .exceptions import InvalidKeyError
+from .exceptions import ConfigError, InvalidKeyError
 
 #: Entity names: 1 to 64 of ``A-Z a-z 0-9 _ . -`` (valid NSQ topic names).
 ENTITY_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -20,6 +21,9 @@ ENTITY_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_ID_LENGTH = 256
 
 IdLike = str | int
+
+#: Longest topic or channel name NSQ accepts; the other buses share it for symmetry.
+MAX_TOPIC_LENGTH = 64
 
 
 def validate_entity(entity: object) -> str:
@@ -133,3 +137,32 @@ class NotifiedKey(EntityKey):
             object.__setattr__(stamped, name, getattr(key, name))
         object.__setattr__(stamped, "notified_at", float(notified_at))
         return stamped
+
+
+KeyLike = EntityKey | tuple[str, IdLike]
+
+
+def stamp_keys(keys: Iterable[KeyLike], now: float) -> list[NotifiedKey]:
+    """Validate ``keys`` (``EntityKey`` or ``(entity, id)`` pairs) and stamp them with the notify time."""
+    return [NotifiedKey.stamp(key if isinstance(key, EntityKey) else EntityKey(*key), now) for key in keys]
+
+
+def check_topic_prefix(prefix: object) -> str:
+    """Return ``prefix`` if topics made with it are valid names, else raise :class:`ConfigError`."""
+    if not isinstance(prefix, str) or (prefix and ENTITY_PATTERN.fullmatch(prefix) is None):
+        raise ConfigError(
+            f"ENTITYSYNC_TOPIC_PREFIX must be empty or up to 64 characters from "
+            f"A-Z, a-z, 0-9, '_', '.' and '-', got {prefix!r}"
+        )
+    return prefix
+
+
+def topic_name(prefix: str, entity: str) -> str:
+    """The bus topic (channel) that carries ``entity``'s keys; :class:`ConfigError` if too long."""
+    topic = prefix + entity
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise ConfigError(
+            f"topic {topic!r} is longer than {MAX_TOPIC_LENGTH} characters: "
+            "shorten ENTITYSYNC_TOPIC_PREFIX or the entity name"
+        )
+    return topic

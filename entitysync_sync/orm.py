@@ -31,13 +31,10 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .exceptions import ConfigError
 from .keys import EntityKey, IdLike, validate_entity
-
-if TYPE_CHECKING:
-    from .extension import EntitySync
 
 log = logging.getLogger("entitysync_sync")
 
@@ -81,10 +78,13 @@ class _Watch:
 
 
 class Watcher:
-    """The watched models of one :class:`~entitysync_sync.EntitySync` and its session listeners."""
+    """The watched models of one :class:`~entitysync_sync.EntitySync` and its session listeners.
 
-    def __init__(self, es: EntitySync) -> None:
-        self._es = es
+    :param notify_many: how to notify the keys a commit wrote (``es.notify_many``).
+    """
+
+    def __init__(self, notify_many: Callable[[list[EntityKey]], None]) -> None:
+        self._notify_many = notify_many
         self._lock = threading.Lock()
         self._watches: dict[type[Any], list[_Watch]] = {}
         self._info_key = f"entitysync_sync.pending.{id(self)}"
@@ -176,7 +176,7 @@ class Watcher:
             frames.setdefault(tx.parent, {}).update(keys)
             return
         try:
-            self._es.notify_many(list(keys))
+            self._notify_many(list(keys))
         except Exception:
             log.exception("notifying %d key(s) after a commit failed", len(keys))
 
@@ -192,14 +192,14 @@ class Watcher:
             frames.pop(transaction, None)
 
 
-_watchers: weakref.WeakKeyDictionary[EntitySync, Watcher] = weakref.WeakKeyDictionary()
+_watchers: weakref.WeakKeyDictionary[object, Watcher] = weakref.WeakKeyDictionary()
 _watchers_lock = threading.Lock()
 
 
-def watcher_for(es: EntitySync) -> Watcher:
-    """The :class:`Watcher` of ``es``, made on first use."""
+def watcher_for(owner: object, notify_many: Callable[[list[EntityKey]], None]) -> Watcher:
+    """The :class:`Watcher` of ``owner`` (an ``EntitySync``), made on first use."""
     with _watchers_lock:
-        watcher = _watchers.get(es)
+        watcher = _watchers.get(owner)
         if watcher is None:
-            watcher = _watchers[es] = Watcher(es)
+            watcher = _watchers[owner] = Watcher(notify_many)
         return watcher

@@ -74,7 +74,7 @@ class EntitySyncCollector:
 
     def collect(self) -> Iterator[Any]:
         """Called by prometheus_client on each scrape."""
-        stats = {app.name: self._es.stats(app) for app in list(self._es._states.keys())}
+        stats = {app.name: self._es.stats(app) for app in self._es.apps}
         for key, name, doc in GAUGES:
             gauge = GaugeMetricFamily(f"entitysync_{name}", doc, labels=["app"])
             for app, figures in stats.items():

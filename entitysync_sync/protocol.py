@@ -161,6 +161,26 @@ def encode_gone(key: EntityKey) -> str:
     return f'{{"action":"gone","key":{encode_key(key)}}}'
 
 
+def encode_result(key: EntityKey, rows: list[str] | None, envelope: bool = True) -> list[str]:
+    """The server frames that carry one fetch result of ``key`` to a subscriber.
+
+    ``rows`` are JSON texts, or ``None`` when the row does not exist. In
+    envelope mode each row is a ``push`` and ``None`` is ``gone``; in raw
+    mode each row is sent alone, as the Go entity-sync did, and ``None``
+    sends nothing. Per-subscriber and shared fetches both build frames here.
+    """
+    if not envelope:
+        return rows or []
+    if rows is None:
+        return [encode_gone(key)]
+    return [encode_push(key, row) for row in rows]
+
+
+def encode_fetch_failed(key: EntityKey, message: str, envelope: bool = True) -> list[str]:
+    """The frames that tell a subscriber a fetch of ``key`` failed (none in raw mode)."""
+    return [encode_error(FETCH_FAILED, message, None, key)] if envelope else []
+
+
 def encode_ack(ref: Ref) -> str:
     """The frame acknowledging the client frame that carried ``ref``."""
     return _dumps({"action": "ack", "ref": ref})

@@ -15,20 +15,16 @@ let the buffered keys go out before it exits: :meth:`Publisher.flush`, or the
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from typing import Iterable
 from urllib.parse import urlsplit
 
-from .bus import Bus, bus_from_url
-from .bus.broker import BrokerBus
+from .bus import BufferedBus, bus_class, bus_from_url
+from .concurrency import OncePerProcess
 from .exceptions import BusError, ConfigError
-from .keys import EntityKey, IdLike, NotifiedKey, as_key
+from .keys import EntityKey, IdLike, KeyLike, as_key, stamp_keys
 
 log = logging.getLogger("entitysync_sync")
-
-KeyLike = EntityKey | tuple[str, IdLike]
 
 
 class Publisher:
@@ -50,15 +46,14 @@ class Publisher:
 
     def __init__(self, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000) -> None:
         parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is not None and parts.scheme == "memory" and not (parts.netloc or parts.path.strip("/")):
+        if parts is not None and bus_class(url).in_process and not (parts.netloc or parts.path.strip("/")):
             raise ConfigError(
                 "a Publisher on memory:// reaches nobody: memory:// is private to one app. "
                 "Use the redis:// or nsq:// URL the servers use (or memory://NAME within one process)"
             )
         self._config = (url, topic_prefix, buffer_size)
-        self._bus: Bus = self._make_bus()
-        self._lock = threading.Lock()
-        self._started_in: int | None = None  # the pid that started the bus
+        self._bus: BufferedBus = self._make_bus()
+        self._start = OncePerProcess()
         self._checked: set[str] = set()
         self.closed = False
 
@@ -80,18 +75,15 @@ class Publisher:
 
     def notify_many(self, keys: Iterable[KeyLike]) -> None:
         """:meth:`notify` for several keys (``EntityKey`` or ``(entity, id)`` pairs)."""
-        now = time.time()
-        batch = [NotifiedKey.stamp(key if isinstance(key, EntityKey) else EntityKey(*key), now)
-                 for key in keys]
+        batch = stamp_keys(keys, time.time())
         if not batch:
             return
         if self.closed:
             raise ConfigError("this Publisher is closed")
-        if isinstance(self._bus, BrokerBus):
-            for entity in {key.entity for key in batch} - self._checked:
-                self._bus.topic(entity)  # raises ConfigError if prefix + entity is too long for a topic
-                self._checked.add(entity)
-        self._start()
+        for entity in {key.entity for key in batch} - self._checked:
+            self._bus.topic(entity)  # raises ConfigError if prefix + entity is too long for a topic
+            self._checked.add(entity)
+        self._start.run(self._started)
         self._bus.publish(batch)
 
     def flush(self, timeout: float = 10.0) -> None:
@@ -101,8 +93,8 @@ class Publisher:
         first; the notifications stay buffered and are still retried.
         """
         bus = self._bus
-        if not isinstance(bus, BrokerBus) or self._started_in is None:
-            return  # memory:// delivers at once; nothing was published otherwise
+        if not self._start.started:
+            return  # nothing was published
         if not bus.flush(timeout):
             reason = f": {bus.last_error}" if bus.last_error else ""
             raise BusError(
@@ -140,22 +132,14 @@ class Publisher:
             except BusError:
                 pass
 
-    def _make_bus(self) -> Bus:
+    def _make_bus(self) -> BufferedBus:
         url, topic_prefix, buffer_size = self._config
         return bus_from_url(url, buffer_size=buffer_size, topic_prefix=topic_prefix)
 
-    def _start(self) -> None:
+    def _started(self, forked: bool) -> None:
         """Start the bus on first use; again in a forked child (a prefork task worker),
         whose copy lost the parent's publishing thread."""
-        pid = os.getpid()
-        if self._started_in == pid:
-            return
-        with self._lock:
-            if self._started_in == pid:
-                return
-            if self._started_in is not None:
-                log.info("process forked after the Publisher started; starting a fresh bus")
-                self._bus = self._make_bus()
-            if isinstance(self._bus, BrokerBus):
-                self._bus.start_publishing()
-            self._started_in = pid
+        if forked:
+            log.info("process forked after the Publisher started; starting a fresh bus")
+            self._bus = self._make_bus()
+        self._bus.start_publishing()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, MutableMapping
 
-from .bus.broker import check_topic_prefix
 from .exceptions import ConfigError
+from .keys import check_topic_prefix
 
 #: Every configuration key with its default; documented in the README.
 DEFAULTS: dict[str, Any] = {

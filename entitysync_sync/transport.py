@@ -11,7 +11,8 @@ need fixing before several greenlets or threads write to it:
 :class:`WebSocketTransport` swaps the server's socket for one whose ``send``
 writes everything (``sendall``) under a lock shared by every writer, so
 frames are whole and never interleaved. This module is the only one that
-knows simple-websocket.
+knows simple-websocket, and the websocket handler
+(:mod:`entitysync_sync.endpoint`) reaches it only through this class.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any
 
 from simple_websocket import ConnectionClosed
 
-from . import _runtime
-from .shared import EncodedFrame
+from .concurrency import Tasks, gevent_active
+from .frames import EncodedFrame
 
 log = logging.getLogger("entitysync_sync")
 
@@ -77,9 +78,10 @@ class WebSocketTransport:
     _deflate: bool | None = None
     _nowait: bool | None = None
 
-    def __init__(self, ws: Any, max_message_bytes: int | None = None,
+    def __init__(self, ws: Any, tasks: Tasks, max_message_bytes: int | None = None,
                  close_wait: float = CLOSE_WAIT) -> None:
         self._ws = ws
+        self._tasks = tasks
         self._close_wait = close_wait
         self._lock = threading.RLock()
         self._raw = ws.sock
@@ -90,6 +92,20 @@ class WebSocketTransport:
         if max_message_bytes:
             # Read by simple-websocket on each message; larger ones close with 1009.
             ws.max_message_size = max_message_bytes
+
+    def receive(self, timeout: float | None = None) -> str | bytes | None:
+        """The next client frame; None after ``timeout`` seconds, or once the stream is closed
+        (then :attr:`connected` is False)."""
+        try:
+            data: str | bytes | None = self._ws.receive(timeout=timeout)
+        except ConnectionClosed:
+            return None
+        return data
+
+    @property
+    def connected(self) -> bool:
+        """Whether the websocket is open: neither side has closed it."""
+        return bool(self._ws.connected)
 
     def send_text(self, text: str) -> None:
         """Write one text frame (compressed if the client negotiated it)."""
@@ -126,7 +142,7 @@ class WebSocketTransport:
         nowait = self._nowait
         if nowait is None:
             nowait = self._nowait = (
-                _runtime.gevent_active()
+                gevent_active()
                 and type(self._raw).__module__.startswith("gevent")
                 and not self._compressing()
             )
@@ -198,7 +214,7 @@ class WebSocketTransport:
                 self._close_holding_lock(code, reason)
                 return
             self._lock.release()
-        _runtime.spawn(self._close_after_write, code, reason, name="entitysync-close")
+        self._tasks.spawn(self._close_after_write, code, reason)
 
     def _close_after_write(self, code: int, reason: str) -> None:
         """Wait up to ``close_wait`` for a write in progress, then send the close frame."""

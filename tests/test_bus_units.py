@@ -17,8 +17,7 @@ from typing import Any, Iterator
 import pytest
 
 from entitysync_sync import EntityKey
-from entitysync_sync.bus import bus_from_url
-from entitysync_sync.bus.broker import BrokerBus
+from entitysync_sync.bus import BufferedBus, bus_from_url
 from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
 from entitysync_sync.bus.redis import RedisBus, redact
 from entitysync_sync.exceptions import ConfigError
@@ -44,16 +43,16 @@ class Sink:
 
 
 @pytest.fixture
-def buses() -> Iterator[list[BrokerBus]]:
-    made: list[BrokerBus] = []
+def buses() -> Iterator[list[BufferedBus]]:
+    made: list[BufferedBus] = []
     yield made
     for bus in made:
         bus.close()
 
 
-def started(buses: list[BrokerBus], url: str, prefix: str, entities: list[str], **kwargs: Any) -> tuple[Any, Sink]:
+def started(buses: list[BufferedBus], url: str, prefix: str, entities: list[str], **kwargs: Any) -> tuple[Any, Sink]:
     bus = bus_from_url(url, topic_prefix=prefix, **kwargs)
-    assert isinstance(bus, BrokerBus)
+    assert isinstance(bus, BufferedBus)
     buses.append(bus)
     sink = Sink()
     bus.start(sink, entities)
@@ -113,7 +112,7 @@ def test_a_topic_longer_than_nsq_allows_is_refused_when_the_entity_is_added() ->
 # -- behaviour against real brokers ----------------------------------------------
 
 
-def test_an_overflowing_publish_buffer_makes_every_server_resync(broker: Any, buses: list[BrokerBus],
+def test_an_overflowing_publish_buffer_makes_every_server_resync(broker: Any, buses: list[BufferedBus],
                                                                  uid: str) -> None:
     proxy = TcpProxy(broker.port)
     try:
@@ -133,7 +132,7 @@ def test_an_overflowing_publish_buffer_makes_every_server_resync(broker: Any, bu
         proxy.close()
 
 
-def test_an_entity_added_after_start_is_received(broker: Any, buses: list[BrokerBus], uid: str) -> None:
+def test_an_entity_added_after_start_is_received(broker: Any, buses: list[BufferedBus], uid: str) -> None:
     a, sink = started(buses, broker.url(), uid, ["items"])
     a.add_entity("late")
     wait_for(lambda: "late" in sink.resyncs, timeout=20, message="the late entity's subscription")
@@ -141,7 +140,7 @@ def test_an_entity_added_after_start_is_received(broker: Any, buses: list[Broker
     wait_for(lambda: sink.keys == [EntityKey("late", 1)], message="the late entity's key")
 
 
-def test_close_publishes_what_is_buffered(broker: Any, buses: list[BrokerBus], uid: str) -> None:
+def test_close_publishes_what_is_buffered(broker: Any, buses: list[BufferedBus], uid: str) -> None:
     _, sink = started(buses, broker.url(), uid, ["items"])
     closing = bus_from_url(broker.url(), topic_prefix=uid)
     closing.start(Sink(), [])
@@ -150,7 +149,7 @@ def test_close_publishes_what_is_buffered(broker: Any, buses: list[BrokerBus], u
     wait_for(lambda: EntityKey("items", "last") in sink.keys, message="the last notification")
 
 
-def test_a_consumer_whose_rdy_greenlet_died_is_replaced_and_resyncs(buses: list[BrokerBus], uid: str) -> None:
+def test_a_consumer_whose_rdy_greenlet_died_is_replaced_and_resyncs(buses: list[BufferedBus], uid: str) -> None:
     broker = make_broker("nsq")
     try:
         bus, sink = started(buses, broker.url(), uid, ["items"])
@@ -193,7 +192,7 @@ class _Lookupd(BaseHTTPRequestHandler):
         pass
 
 
-def test_nsq_through_lookupd_discovers_where_to_receive_and_publish(buses: list[BrokerBus], uid: str) -> None:
+def test_nsq_through_lookupd_discovers_where_to_receive_and_publish(buses: list[BufferedBus], uid: str) -> None:
     """nsqlookupd is not on this machine either: its HTTP API is stood in for by a few lines here."""
     broker = make_broker("nsq")
     handler = type("Lookupd", (_Lookupd,), {"nsqd": (broker.nsqd.tcp_port, broker.nsqd.http_port)})
@@ -209,7 +208,7 @@ def test_nsq_through_lookupd_discovers_where_to_receive_and_publish(buses: list[
         broker.close()
 
 
-def test_gnsq_does_not_warn_about_connections_closed_on_purpose(buses: list[BrokerBus], uid: str,
+def test_gnsq_does_not_warn_about_connections_closed_on_purpose(buses: list[BufferedBus], uid: str,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     broker = make_broker("nsq")
     try:
@@ -224,7 +223,7 @@ def test_gnsq_does_not_warn_about_connections_closed_on_purpose(buses: list[Brok
         broker.close()
 
 
-def test_a_half_open_broker_connection_is_noticed_and_replaced(broker: Any, buses: list[BrokerBus],
+def test_a_half_open_broker_connection_is_noticed_and_replaced(broker: Any, buses: list[BufferedBus],
                                                                uid: str) -> None:
     """The broker's host vanishes without a FIN or RST; the next connection works again."""
     proxy = TcpProxy(broker.port)

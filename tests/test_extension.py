@@ -59,10 +59,10 @@ def make_app(**config: Any) -> tuple[Flask, EntitySync]:
 
 
 def connect(app: Flask, secret: Any = None) -> tuple[Connection, RecordingTransport]:
-    state = app.extensions["entitysync"]
-    state.ensure_started()
+    runtime = app.extensions["entitysync"]
+    runtime.ensure_started()
     transport = RecordingTransport()
-    return Connection(transport, state.hub, state, state.limits, secret), transport
+    return Connection(transport, runtime.hub, runtime.handlers, runtime.limits, secret), transport
 
 
 def subscribe(conn: Connection, entity: str, id: str) -> None:
@@ -73,7 +73,7 @@ def test_init_app_registers_once_and_refuses_a_second_time() -> None:
     app = Flask(__name__)
     es = EntitySync()
     es.init_app(app)
-    assert app.extensions["entitysync"].ext is es
+    assert app.extensions["entitysync"] is es.runtime(app)
     assert app.config["ENTITYSYNC_PATH"] == "/ws/entity-sync/"
     assert any(r.rule == "/ws/entity-sync/" for r in app.url_map.iter_rules())
     with pytest.raises(ConfigError, match="already registered"):

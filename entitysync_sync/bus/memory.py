@@ -8,27 +8,26 @@ several gunicorn workers, cannot: use a networked bus for those.
 
 from __future__ import annotations
 
-import logging
 import threading
-from typing import Iterable, Sequence
+from typing import Iterable
+from urllib.parse import urlsplit
 
-from .. import _runtime
-from ..keys import EntityKey
-from .base import Bus, BusSink, KeyBuffer
-
-log = logging.getLogger("entitysync_sync")
+from .buffered import BufferedBus
 
 
 class _Broker:
+    """The members of one name, each receiving what any of them sends."""
+
     def __init__(self) -> None:
         self.members: list[MemoryBus] = []
         self.lock = threading.Lock()
 
-    def publish(self, keys: Sequence[EntityKey]) -> None:
+    def send(self, bodies: list[bytes]) -> None:
         with self.lock:
             members = list(self.members)
         for member in members:
-            member._receive(keys)
+            for body in bodies:
+                member._received(body)
 
 
 _brokers: dict[str, _Broker] = {}
@@ -40,70 +39,55 @@ def _broker(name: str) -> _Broker:
         return _brokers.setdefault(name, _Broker())
 
 
-class MemoryBus(Bus):
-    """In-process fan-out through a named broker.
+class MemoryBus(BufferedBus):
+    """In-process fan-out through a named broker, on the buffering every bus shares.
 
     ``publish`` puts keys in a bounded buffer (``buffer_size`` distinct keys)
-    and returns; a background reader delivers them to the sink. If the
-    buffer overflows, the reader resyncs instead, so nothing is lost.
+    and returns; the publisher loop delivers them to every member's sink. If
+    the buffer overflows, every member resyncs the dropped keys' entities
+    instead, so nothing is lost.
     """
 
-    def __init__(self, name: str | None = None, buffer_size: int = 10_000) -> None:
+    kind = "memory"
+    in_process = True
+
+    def __init__(self, name: str | None = None, buffer_size: int = 10_000, *, topic_prefix: str = "") -> None:
+        super().__init__(topic_prefix=topic_prefix, buffer_size=buffer_size)
         self.name = name
         self._broker = _broker(name) if name else _Broker()
-        self._buffer = KeyBuffer(buffer_size)
-        self._wake = threading.Event()
-        self._sink: BusSink | None = None
-        self._closed = False
 
-    def start(self, sink: BusSink, entities: Iterable[str]) -> None:
-        if self._sink is not None:
-            raise RuntimeError("this bus is already started")
-        self._sink = sink
-        with self._broker.lock:
-            self._broker.members.append(self)
-        _runtime.spawn(self._read, name="entitysync-memory-bus")
+    @classmethod
+    def from_url(cls, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000) -> MemoryBus:
+        """``memory://`` (private to one app) or ``memory://NAME`` (shared within the process)."""
+        parts = urlsplit(url)
+        return cls(parts.netloc + parts.path.strip("/") or None, buffer_size=buffer_size,
+                   topic_prefix=topic_prefix)
 
-    def publish(self, keys: Sequence[EntityKey]) -> None:
-        self._broker.publish(keys)
+    @classmethod
+    def probe(cls, url: str, topics: list[str], timeout: float) -> dict[str, object]:
+        return {"reachable": None,
+                "detail": "memory:// is in-process: another process cannot reach or inspect it"}
 
-    def _receive(self, keys: Sequence[EntityKey]) -> None:
-        self._buffer.add(keys)
-        self._wake.set()
-
-    def _read(self) -> None:
-        sink = self._sink
-        assert sink is not None
-        while not self._closed:
-            self._wake.wait()
-            self._wake.clear()
-            keys, dropped = self._buffer.take()
-            try:
-                if keys:
-                    sink.deliver(keys)
-                for entity in sorted(dropped):
-                    log.warning("memory bus buffer overflowed (%d keys dropped in all); resyncing %s",
-                                self._buffer.dropped, entity)
-                    sink.resync(entity)
-            except Exception:  # pragma: no cover - the hub does not raise
-                log.exception("delivering keys from the memory bus failed")
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with self._broker.lock:
-            if self in self._broker.members:
-                self._broker.members.remove(self)
-        self._wake.set()
+    def topic(self, entity: str) -> str:
+        # Every member receives every key, whatever its prefix: there is no broker to share.
+        return entity
 
     def describe(self) -> str:
         return f"memory://{self.name or ''} (this process only)"
 
-    @property
-    def buffered(self) -> int:
-        """Keys waiting to be delivered."""
-        return len(self._buffer)
+    # -- backend hooks ---------------------------------------------------------
 
-    def stats(self) -> dict[str, int]:
-        return {"buffered": len(self._buffer), "dropped": self._buffer.dropped}
+    def _open(self, entities: Iterable[str]) -> None:
+        with self._broker.lock:
+            self._broker.members.append(self)
+
+    def _subscribe(self, entity: str) -> None:
+        """Every member already receives every entity."""
+
+    def _send(self, batches: dict[str, list[bytes]]) -> None:
+        self._broker.send([body for bodies in batches.values() for body in bodies])
+
+    def _shutdown(self) -> None:
+        with self._broker.lock:
+            if self in self._broker.members:
+                self._broker.members.remove(self)

@@ -32,12 +32,14 @@ import os
 import re
 import socket
 import time
+import urllib.request
 import uuid
 from typing import Any, Iterable
 from urllib.parse import parse_qs, urlsplit
 
 from ..exceptions import ConfigError
-from .broker import MAX_TOPIC_LENGTH, BrokerBus
+from ..keys import MAX_TOPIC_LENGTH
+from .buffered import BufferedBus
 
 log = logging.getLogger("entitysync_sync")
 
@@ -114,7 +116,7 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
     }
 
 
-class NsqBus(BrokerBus):
+class NsqBus(BufferedBus):
     """Notifications through nsqd, one topic per entity and an ephemeral channel per server.
 
     :param nsqd: ``host:port`` TCP addresses of nsqd. Publishing uses any of
@@ -154,9 +156,33 @@ class NsqBus(BrokerBus):
         self._down_since: dict[str, float] = {}
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> NsqBus:
+    def from_url(cls, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000) -> NsqBus:
         """Build the bus an ``nsq://`` URL names."""
-        return cls(**parse_nsq_url(url), **kwargs)
+        return cls(**parse_nsq_url(url), topic_prefix=topic_prefix, buffer_size=buffer_size)
+
+    @classmethod
+    def probe(cls, url: str, topics: list[str], timeout: float) -> dict[str, Any]:
+        """Whether every nsqd accepts a TCP connection and every lookupd answers ``/ping``."""
+        parsed = parse_nsq_url(url)
+        failed: list[str] = []
+        for address in parsed["nsqd"]:
+            host, _, port = address.rpartition(":")
+            try:
+                # nsqd speaks first only after the client's magic; a TCP connection is what can be checked.
+                with socket.create_connection((host, int(port)), timeout=timeout):
+                    pass
+            except OSError as exc:
+                failed.append(f"nsqd {address}: {exc}")
+        for address in parsed["lookupd"]:
+            try:
+                with urllib.request.urlopen(address.rstrip("/") + "/ping", timeout=timeout) as resp:
+                    resp.read()
+            except OSError as exc:
+                failed.append(f"lookupd {address}: {exc}")
+        if failed:
+            return {"reachable": False, "detail": "; ".join(failed)[:400]}
+        where = len(parsed["nsqd"]) + len(parsed["lookupd"])
+        return {"reachable": True, "detail": f"{where} address(es) accept connections"}
 
     def describe(self) -> str:
         where = ",".join(self.nsqd) or "lookupd " + ",".join(self.lookupd)
@@ -165,15 +191,13 @@ class NsqBus(BrokerBus):
     # -- backend hooks ---------------------------------------------------------
 
     def _open(self, entities: Iterable[str]) -> None:
-        import gevent
-
+        assert self._executor is not None
         for entity in entities:
             self._subscribe(entity)
-        gevent.spawn(self._supervise)
+        self._executor.spawn(self._supervise)
 
     def _subscribe(self, entity: str) -> None:
-        import gevent
-
+        assert self._executor is not None
         if self.closed or entity in self._consumers:
             return
         consumer = _consumer_class(self._gnsq)(
@@ -192,7 +216,7 @@ class NsqBus(BrokerBus):
         )
         self._consumers[entity] = consumer
         # Connecting blocks until nsqd answers or the connect times out; not here.
-        gevent.spawn(consumer.start, block=False)
+        self._executor.spawn(consumer.start, False)
 
     def _on_message(self, consumer: Any, message: Any) -> None:
         # Returning finishes the message: the hub only queues refreshes, so this is prompt.

@@ -4,7 +4,7 @@ One pub/sub channel per entity, named ``ENTITYSYNC_TOPIC_PREFIX`` + entity,
 carrying the same JSON bodies as the NSQ bus, so
 ``redis-cli PUBLISH items '{"entity":"items","id":"1"}'`` triggers a push.
 Redis pub/sub keeps nothing for a subscriber that is away; the shared
-behaviour of :class:`~entitysync_sync.bus.broker.BrokerBus` makes up for it
+behaviour of :class:`~entitysync_sync.bus.buffered.BufferedBus` makes up for it
 by resyncing after every (re)subscription.
 """
 
@@ -16,9 +16,9 @@ import time
 from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-from .. import _runtime
+from ..backoff import backoff
 from ..exceptions import ConfigError
-from .broker import BrokerBus
+from .buffered import BufferedBus
 
 log = logging.getLogger("entitysync_sync")
 
@@ -43,7 +43,7 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class RedisBus(BrokerBus):
+class RedisBus(BufferedBus):
     """Notifications through Redis pub/sub.
 
     :param url: a redis-py URL, ``redis://[user:password@]host:port/db`` or
@@ -70,6 +70,25 @@ class RedisBus(BrokerBus):
         self._pending_lock = threading.Lock()
         self._read_failures = 0
         self._reader_done = threading.Event()
+
+    @classmethod
+    def from_url(cls, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000) -> RedisBus:
+        return cls(url, topic_prefix=topic_prefix, buffer_size=buffer_size)
+
+    @classmethod
+    def probe(cls, url: str, topics: list[str], timeout: float) -> dict[str, Any]:
+        """PING, and ``PUBSUB NUMSUB``: how many server processes subscribe to each topic."""
+        redis = _import_redis()
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        try:
+            client.ping()
+            counts = dict(client.pubsub_numsub(*topics)) if topics else {}
+        except (redis.RedisError, OSError) as exc:
+            return {"reachable": False, "detail": f"{redact(url)}: {str(exc)[:200]}"}
+        finally:
+            client.close()
+        subscribers = {(t.decode() if isinstance(t, bytes) else t): int(n) for t, n in counts.items()}
+        return {"reachable": True, "detail": "PING answered", "subscribers": subscribers}
 
     def describe(self) -> str:
         return f"Redis at {redact(self._url)}"
@@ -118,7 +137,7 @@ class RedisBus(BrokerBus):
                 self._read_failures += 1
                 if self._read_failures == 1:
                     log.warning("lost the subscription to %s (%s); reconnecting", self.describe(), exc)
-                self._closing.wait(_runtime.backoff(self._read_failures, self.retry_min, self.retry_max,
+                self._closing.wait(backoff(self._read_failures, self.retry_min, self.retry_max,
                                                     jitter=True))
             finally:
                 try:

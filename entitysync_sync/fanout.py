@@ -17,77 +17,15 @@ notification.
 
 from __future__ import annotations
 
-import logging
-import struct
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from . import _runtime
 from . import protocol as p
+from .concurrency import Tasks
 from .failures import FetchFailures, failure_message
+from .frames import EncodedFrame, SharedFrames
+from .hub import Hub
 from .keys import EntityKey
-
-if TYPE_CHECKING:
-    from .hub import Hub
-
-log = logging.getLogger("entitysync_sync")
-
-_TEXT = 0x81  # FIN + opcode 1: one whole text frame
-
-
-def encode_text_frame(text: str) -> bytes:
-    """``text`` as one unmasked websocket text frame (RFC 6455), as a server sends it."""
-    payload = text.encode()
-    n = len(payload)
-    if n < 126:
-        header = struct.pack("!BB", _TEXT, n)
-    elif n < 1 << 16:
-        header = struct.pack("!BBH", _TEXT, 126, n)
-    else:
-        header = struct.pack("!BBQ", _TEXT, 127, n)
-    return header + payload
-
-
-class EncodedFrame:
-    """One server frame as text and as the websocket frame bytes that carry it.
-
-    ``len()`` is the text's length, so it counts against a connection's
-    outbox limit exactly as the text would. A connection that negotiated
-    permessage-deflate writes ``text`` through its compressor instead.
-    """
-
-    __slots__ = ("text", "wire")
-
-    def __init__(self, text: str, wire: bytes) -> None:
-        self.text = text
-        self.wire = wire
-
-    @classmethod
-    def of(cls, text: str) -> EncodedFrame:
-        return cls(text, encode_text_frame(text))
-
-    def __len__(self) -> int:
-        return len(self.text)
-
-
-#: An empty frame queued to finish a frame whose first bytes were written without waiting.
-FLUSH = EncodedFrame("", b"")
-
-
-@dataclass(frozen=True)
-class SharedFrames:
-    """The frames of one shared fetch of ``key``, identical for every subscriber."""
-
-    key: EntityKey
-    frames: tuple[EncodedFrame, ...]
-    size: int
-    #: Why the fetch failed, if it did; the frames then hold a fetch_failed error.
-    error: Exception | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.error is not None
 
 
 class SharedHandlers(Protocol):
@@ -103,10 +41,12 @@ class SharedHandlers(Protocol):
 class Fanout:
     """Runs shared fetches, one at a time per key, and hands their frames to the subscribers."""
 
-    def __init__(self, handlers: SharedHandlers, envelope: bool = True, retry_max: float = 0.0) -> None:
+    def __init__(self, handlers: SharedHandlers, tasks: Tasks, envelope: bool = True,
+                 retry_max: float = 0.0) -> None:
         self._handlers = handlers
+        self._tasks = tasks
         self._envelope = envelope
-        self._failures = FetchFailures(retry_max)
+        self._failures = FetchFailures(retry_max, tasks)
         self._lock = threading.Lock()
         #: Keys being fetched → whether another notification arrived meanwhile.
         self._running: dict[EntityKey, bool] = {}
@@ -122,12 +62,7 @@ class Fanout:
                 self._running[key] = True
                 return
             self._running[key] = False
-        _runtime.spawn(self._run, key, hub, name="entitysync-fanout")
-
-    @property
-    def running(self) -> int:
-        """Keys with a shared fetch running or about to run."""
-        return len(self._running)
+        self._tasks.spawn(self._run, key, hub)
 
     def _run(self, key: EntityKey, hub: Hub) -> None:
         try:
@@ -171,14 +106,9 @@ class Fanout:
         try:
             rows = self._handlers.fetch(key, None)
         except Exception as exc:
-            texts = [p.encode_error(p.FETCH_FAILED, failure_message(key, exc), None, key)] if self._envelope else []
-            return SharedFrames(key, tuple(EncodedFrame.of(t) for t in texts), sum(map(len, texts)), exc)
+            texts = p.encode_fetch_failed(key, failure_message(key, exc), self._envelope)
+            error: Exception | None = exc
         else:
-            if not self._envelope:
-                texts = rows or []
-            elif rows is None:
-                texts = [p.encode_gone(key)]
-            else:
-                texts = [p.encode_push(key, row) for row in rows]
+            texts, error = p.encode_result(key, rows, self._envelope), None
         frames = tuple(EncodedFrame.of(text) for text in texts)
-        return SharedFrames(key, frames, sum(map(len, texts)))
+        return SharedFrames(key, frames, sum(map(len, texts)), error)

@@ -1,8 +1,9 @@
-"""What every networked bus shares: buffered publishing, reconnects, resync.
+"""What every bus shares: buffered publishing, reconnects, resync.
 
-A networked bus (NSQ, Redis) differs from its peers only in how it sends a
-batch of bodies and how it receives them. Everything users rely on lives
-here, once:
+A bus (in-process, Redis, NSQ) differs from its peers only in how it sends a
+batch of bodies and how it receives them: a backend is a small subclass of
+:class:`BufferedBus` with four hooks (open, subscribe, send, shut down).
+Everything users rely on lives here, once:
 
 * ``publish`` never waits on the network. Keys go into a bounded,
   de-duplicating :class:`~entitysync_sync.bus.base.KeyBuffer`; a publisher
@@ -26,32 +27,21 @@ import abc
 import logging
 import time
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
-from .. import _runtime
 from .. import protocol as p
+from ..backoff import backoff
+from ..concurrency import Executor, GeventThread, WakeEvent, executor
 from ..exceptions import ConfigError, ProtocolError
-from ..keys import ENTITY_PATTERN, EntityKey
-from .base import Bus, BusSink, KeyBuffer
+from ..keys import EntityKey, check_topic_prefix, topic_name
+from .base import Bus, BusSink
+from .buffer import KeyBuffer
 
 log = logging.getLogger("entitysync_sync")
 
-#: Longest topic or channel name NSQ accepts; Redis channels share it for symmetry.
-MAX_TOPIC_LENGTH = 64
 
-
-def check_topic_prefix(prefix: str) -> str:
-    """Return ``prefix`` if topics made with it are valid names, else raise :class:`ConfigError`."""
-    if not isinstance(prefix, str) or (prefix and ENTITY_PATTERN.fullmatch(prefix) is None):
-        raise ConfigError(
-            f"ENTITYSYNC_TOPIC_PREFIX must be empty or up to 64 characters from "
-            f"A-Z, a-z, 0-9, '_', '.' and '-', got {prefix!r}"
-        )
-    return prefix
-
-
-class BrokerBus(Bus):
-    """Base of the networked buses; subclasses implement the backend hooks.
+class BufferedBus(Bus):
+    """Base of every bus made from a URL; subclasses implement the backend hooks.
 
     :param topic_prefix: prepended to every entity name to make its topic
         (NSQ) or channel (Redis), so several apps can share one broker.
@@ -63,6 +53,8 @@ class BrokerBus(Bus):
     kind = "broker"
     #: Whether the backend must run on a gevent hub (gnsq does).
     needs_gevent = False
+    #: Whether the bus reaches only the process it runs in (``memory://``).
+    in_process: ClassVar[bool] = False
 
     def __init__(self, *, topic_prefix: str = "", buffer_size: int = 10_000,
                  retry_min: float = 0.05, retry_max: float = 5.0) -> None:
@@ -72,10 +64,10 @@ class BrokerBus(Bus):
         self._outbox = KeyBuffer(buffer_size)
         self._entities: set[str] = set()
         self._sink: BusSink | None = None
-        self._executor: _runtime.DefaultExecutor | _runtime.GeventThread | None = None
-        self._wake: _runtime.WakeEvent | None = None
-        self._stopped: _runtime.WakeEvent | None = None
-        self._closing: _runtime.WakeEvent | None = None
+        self._executor: Executor | None = None
+        self._wake: WakeEvent | None = None
+        self._stopped: WakeEvent | None = None
+        self._closing: WakeEvent | None = None
         self.closed = False
         self.counters: Counter[str] = Counter()
         self._ever_connected: set[tuple[str | None, str | None]] = set()
@@ -94,7 +86,7 @@ class BrokerBus(Bus):
             self.topic(entity)
         self._sink = sink
         self._entities.update(entities)
-        self._executor = _runtime.executor(f"entitysync-{self.kind}-bus", needs_gevent=self.needs_gevent)
+        self._executor = executor(f"entitysync-{self.kind}-bus", needs_gevent=self.needs_gevent)
         self._wake = self._executor.event()
         self._stopped = self._executor.event()
         self._closing = self._executor.event()
@@ -148,6 +140,8 @@ class BrokerBus(Bus):
         # The publisher makes a last attempt to send what is buffered.
         if not self._on_executor():
             self._stopped.wait(self.retry_max + 1)
+            if self._executor is not None:
+                self._executor.stop()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -157,14 +151,13 @@ class BrokerBus(Bus):
         }
 
     def topic(self, entity: str) -> str:
-        """The topic (channel) that carries ``entity``'s keys."""
-        topic = self.topic_prefix + entity
-        if len(topic) > MAX_TOPIC_LENGTH:
-            raise ConfigError(
-                f"topic {topic!r} is longer than {MAX_TOPIC_LENGTH} characters: "
-                "shorten ENTITYSYNC_TOPIC_PREFIX or the entity name"
-            )
-        return topic
+        """The topic (channel) that carries ``entity``'s keys; :class:`ConfigError` if too long."""
+        return topic_name(self.topic_prefix, entity)
+
+    @property
+    def running(self) -> int:
+        """Greenlets or threads of this bus still running (0 once closed and joined)."""
+        return self._executor.running if self._executor is not None else 0
 
     @property
     def buffered(self) -> int:
@@ -172,6 +165,21 @@ class BrokerBus(Bus):
         return len(self._outbox)
 
     # -- backend hooks ---------------------------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000) -> BufferedBus:
+        """The bus that ``url`` (``ENTITYSYNC_BUS_URL``) names; :class:`ConfigError` if it is malformed."""
+
+    @classmethod
+    def probe(cls, url: str, topics: list[str], timeout: float) -> dict[str, Any]:
+        """Whether the broker of ``url`` answers, for ``flask entitysync stats``.
+
+        Returns ``reachable`` (True, False, or None where another process
+        cannot tell), a ``detail`` message (never with credentials) and,
+        where the broker can say, ``subscribers`` per topic.
+        """
+        return {"reachable": None, "detail": f"{cls.kind} cannot be probed from another process"}
 
     @abc.abstractmethod
     def _open(self, entities: Iterable[str]) -> None:
@@ -229,8 +237,7 @@ class BrokerBus(Bus):
     # -- the publisher loop ----------------------------------------------------
 
     def _on_executor(self) -> bool:
-        executor = self._executor
-        return isinstance(executor, _runtime.GeventThread) and executor.running_here()
+        return self._executor is not None and self._executor.running_here()
 
     def _run(self) -> None:
         assert self._executor is not None and self._wake is not None and self._stopped is not None
@@ -246,7 +253,7 @@ class BrokerBus(Bus):
             except Exception:  # pragma: no cover
                 log.exception("closing the %s bus failed", self.kind)
             self._stopped.set()
-            if isinstance(self._executor, _runtime.GeventThread):
+            if isinstance(self._executor, GeventThread):
                 self._executor.stop()
 
     def _publish_loop(self) -> None:
@@ -254,7 +261,7 @@ class BrokerBus(Bus):
         failures = 0
         while True:
             if failures:
-                self._closing.wait(_runtime.backoff(failures, self.retry_min, self.retry_max, jitter=True))
+                self._closing.wait(backoff(failures, self.retry_min, self.retry_max, jitter=True))
             else:
                 self._wake.wait()
             self._wake.clear()

@@ -1,0 +1,203 @@
+"""The per-app runtime: the bus, the hub, the shared fan-out and the metrics of one app.
+
+:class:`Runtime` is what :class:`~entitysync_sync.EntitySync` keeps for each
+app it is registered on (``app.extensions["entitysync"]``, or
+``es.runtime(app)``). It starts its background work lazily, once per
+process; drains on shutdown; and on :meth:`Runtime.close` stops and joins
+every greenlet or thread it started.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+from flask import Flask
+
+from . import protocol as p
+from .bus import Bus, bus_from_url
+from .concurrency import OncePerProcess, Tasks
+from .connection import ConnectionLimits
+from .exceptions import ConfigError
+from .fanout import Fanout
+from .hub import Hub
+from .keys import EntityKey
+from .metrics import MeteredSink, Metrics, collect
+from .registry import AppHandlers, Registry
+from .settings import Settings
+
+log = logging.getLogger("entitysync_sync")
+
+#: The key of an app's :class:`Runtime` in ``app.extensions``.
+EXTENSION_NAME = "entitysync"
+
+#: Seconds :meth:`Runtime.close` waits for the background work to end.
+JOIN_TIMEOUT = 5.0
+
+
+class Runtime:
+    """One app's hub, bus, fan-out, metrics and settings, and everything they run."""
+
+    def __init__(self, registry: Registry, app: Flask, settings: Settings, bus: Bus | None = None) -> None:
+        self.registry = registry
+        self.app = app
+        self.settings = settings
+        self.metrics = Metrics()
+        self.handlers = AppHandlers(registry, app, settings.fetch_timeout, self.metrics)
+        self.limits = ConnectionLimits(
+            max_subscriptions=settings.max_subscriptions,
+            outbox_limit=settings.outbox_limit,
+            push_on_subscribe=settings.push_on_subscribe,
+            envelope=settings.envelope,
+            rate_limit=settings.rate_limit,
+            rate_burst=settings.rate_burst,
+            fetch_retry_max=settings.fetch_retry_max,
+        )
+        self._bus_given = bus is not None
+        self.bus = bus if bus is not None else self._make_bus()
+        self._build()
+        self._start = OncePerProcess()
+        self.closed = False
+        #: Set when the server shuts down: websockets are closed, notify still works.
+        self.draining = False
+        registry.listeners.append(self._entity_added)
+
+    def _build(self) -> None:
+        """The parts that hold connections and background work (again in a forked child)."""
+        self.tasks = Tasks("entitysync")
+        self.fanout = Fanout(self.handlers, self.tasks, self.settings.envelope, self.settings.fetch_retry_max)
+        self.hub = Hub(self.tasks, self.fanout)
+
+    def _make_bus(self) -> Bus:
+        return bus_from_url(self.settings.bus_url, buffer_size=self.settings.publish_buffer,
+                            topic_prefix=self.settings.topic_prefix)
+
+    # -- start -----------------------------------------------------------------
+
+    def ensure_started(self) -> None:
+        """Start the bus and the sweeper on first use, in the serving process (see
+        :class:`~entitysync_sync.concurrency.OncePerProcess`)."""
+        if self.closed:
+            raise ConfigError("this EntitySync was closed; no new connections or notifications")
+        self._start.run(self._started)
+
+    def _started(self, forked: bool) -> None:
+        if self.closed:
+            raise ConfigError("this EntitySync was closed; no new connections or notifications")
+        if forked:
+            if self._bus_given:
+                raise ConfigError(
+                    "the bus passed to EntitySync(bus=...) was started before this process "
+                    "forked; use ENTITYSYNC_BUS_URL, or do not notify while the app is created"
+                )
+            log.info("process forked after the bus started; starting a fresh bus")
+            self.bus = self._make_bus()
+            self._build()
+        self.bus.start(MeteredSink(lambda: self.hub, self.metrics), sorted(self.registry.entities))
+        atexit.register(self.bus.close)  # a last attempt to publish what is buffered
+        log.info("entitysync started in process %d on %s", os.getpid(), self.bus.describe())
+        self.tasks.spawn(self._sweep)
+        workers = _gunicorn_workers()  # a scan of the heap: once per process
+        if workers is not None:
+            self._drain_on_shutdown_signals()
+        if getattr(self.bus, "in_process", False) and workers is not None and workers > 1:
+            log.warning(
+                "ENTITYSYNC_BUS_URL is %s but gunicorn runs %d workers: a notify reaches only "
+                "the clients of the worker that made it. Use a redis:// or nsq:// bus to "
+                "reach every worker and server.", self.settings.bus_url, workers)
+
+    def _entity_added(self, name: str) -> None:
+        if self._start.started:
+            self.bus.add_entity(name)
+
+    # -- notify ----------------------------------------------------------------
+
+    def publish(self, keys: Sequence[EntityKey]) -> None:
+        """Send ``keys`` (already validated and stamped) to every server; returns at once."""
+        self.ensure_started()
+        self.bus.publish(keys)
+        self.metrics.count("notifications_published", len(keys))
+
+    def stats(self) -> dict[str, Any]:
+        """The figures of :meth:`EntitySync.stats() <entitysync_sync.EntitySync.stats>`."""
+        return collect(self.hub, self.bus, self.metrics)
+
+    # -- housekeeping ----------------------------------------------------------
+
+    def _sweep(self) -> None:
+        interval = min(1.0, self.settings.send_timeout / 4)
+        ping_every = self.settings.ping_interval
+        if ping_every:
+            interval = min(interval, ping_every)
+        next_ping = time.monotonic() + ping_every
+        while not self.tasks.wait(interval):
+            try:
+                self.hub.sweep(self.settings.send_timeout)
+                if ping_every and time.monotonic() >= next_ping:
+                    next_ping += ping_every
+                    self.hub.heartbeat()
+            except Exception:  # one bad connection must not end pings and send timeouts for all
+                log.exception("the connection sweeper failed; it carries on")
+
+    def _drain_on_shutdown_signals(self) -> None:
+        """Close websockets with 1001 as soon as the gunicorn worker is told to stop.
+
+        gunicorn stops accepting and then waits up to ``--graceful-timeout``
+        for open requests; a websocket never ends by itself, so without this
+        its clients would wait that long and then see the connection drop.
+        Closed with 1001, they reconnect at once, to a worker that is staying.
+        """
+        for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
+            previous = signal.getsignal(signum)
+
+            def handler(num: int, frame: Any, previous: Any = previous) -> None:
+                self.tasks.spawn(self.drain)
+                if callable(previous):
+                    previous(num, frame)
+
+            try:
+                signal.signal(signum, handler)
+            except ValueError:  # not the main thread: leave shutdown to the server
+                log.debug("cannot watch shutdown signals from this thread")
+                return
+
+    def drain(self) -> None:
+        """Close every websocket with 1001 and refuse new ones; notify keeps working."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("shutting down: closing %d websocket(s) with 1001", self.hub.connection_count)
+        self.hub.close_all(p.CLOSE_GOING_AWAY, "server shutting down")
+
+    def close(self, timeout: float = JOIN_TIMEOUT) -> bool:
+        """Close every connection with 1001, stop the bus, and stop and join every task.
+
+        Returns True if all background work ended within ``timeout`` seconds.
+        """
+        self.closed = True
+        self.hub.close_all(p.CLOSE_GOING_AWAY, "server shutting down")
+        self.bus.close()
+        return self.tasks.close(timeout)
+
+
+
+def _gunicorn_workers() -> int | None:
+    """How many workers the gunicorn that forked this process runs, or None outside gunicorn.
+
+    gunicorn keeps no global for it; its arbiter object survives in a forked
+    worker's memory, so it is looked up there, only when gunicorn is loaded.
+    """
+    arbiter = sys.modules.get("gunicorn.arbiter")
+    if arbiter is None:
+        return None
+    import gc
+
+    for obj in gc.get_objects():
+        if isinstance(obj, arbiter.Arbiter):
+            return int(obj.num_workers)
+    return None
