@@ -221,7 +221,7 @@ def create_app() -> Flask:
     def slow_notify(entity: str, id: str) -> Any:
         """A request still running when the worker is told to stop: it notifies once draining."""
         app.logger.warning("slow-notify started")
-        state = es._state()
+        state = es.runtime()
         deadline = time.monotonic() + 20
         while not state.draining and time.monotonic() < deadline:
             time.sleep(0.01)  # polls, with a deadline, for the shutdown the test starts
@@ -231,8 +231,20 @@ def create_app() -> Flask:
     @app.post("/_t/drain")
     def drain() -> Any:
         """What a shutdown signal does in a gunicorn worker: close every websocket with 1001."""
-        es._state().drain()
+        es.runtime().drain()
         return {"ok": True}
+
+    @app.post("/_t/close")
+    def close() -> Any:
+        """Close the extension and report what of its background work is still running."""
+        runtime = es.runtime()
+        joined = runtime.close()
+        return {
+            "joined": joined,
+            "tasks": len(runtime.tasks),
+            "bus_tasks": getattr(runtime.bus, "running", 0),
+            "threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("entitysync")),
+        }
 
     @app.post("/_t/delete/<entity>/<id>")
     def delete_row(entity: str, id: str) -> Any:
@@ -255,7 +267,7 @@ def create_app() -> Flask:
     @app.get("/_t/bus-ready")
     def bus_ready() -> Any:
         """Start the bus; ready once every entity's subscription is up."""
-        es._state().ensure_started()
+        es.runtime().ensure_started()
         return {"ready": es.bus().stats().get("connects", 0) >= len(es.entities)}
 
     @app.get("/_t/messages")
