@@ -22,7 +22,7 @@ For each server it measures
 * the fan-out of one ``POST /notify/1`` to every connection: the worker's
   CPU time per delivered frame and the wall time from the POST until the
   last client has its frame (median of the notifies, and the CPU total over
-  all notifies, since ``/proc`` CPU ticks are 10 ms);
+  all notifies);
 * the bytes on the wire per delivered frame, and whether deflate was
   negotiated.
 
@@ -67,6 +67,8 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 
+from bench.usage import cpu_seconds, rss_kb
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "compression.json"
 HOST = "127.0.0.1"
@@ -110,26 +112,6 @@ SERVERS: tuple[ServerSpec, ...] = (
     ),
     ServerSpec("flask-sock peer", "bench.apps:flasksock_app()", "/ws"),
 )
-
-
-# -- the worker process, seen through /proc -----------------------------------
-
-
-def rss_kb(pid: int) -> int:
-    """The process's resident set size in KiB (``VmRSS`` of ``/proc/PID/status``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of the process (fields 14 and 15 of ``/proc/PID/stat``)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name (field 2) may hold spaces; the fields after it start at 3.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[14 - 3]), int(fields[15 - 3])
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the server process --------------------------------------------------------

@@ -18,8 +18,8 @@ load client (:mod:`bench.load`, asyncio). Servers, in the same run:
 Scenarios:
 
 a. fan-out: N subscribers of one key (each N in ``--fanout``), one notify,
-   repeated; server CPU per delivered frame (the worker's own
-   ``/proc/PID/stat`` utime+stime) and wall time from the POST to the last client;
+   repeated; server CPU per delivered frame (the worker's own, see
+   :mod:`bench.usage`) and wall time from the POST to the last client;
 b. throughput: 1,000 connections x 10 keys each (1,000 keys, 10 subscribers
    per key), the per-user entity, notifies of all 1,000 keys back to back
    for a few seconds: pushes delivered per second and CPU per push;
@@ -53,11 +53,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-from bench.compression import ROOT, GunicornServer, ServerSpec, http_request, machine, rss_kb
+from bench.compression import ROOT, GunicornServer, ServerSpec, http_request, machine
 from bench.load import Conn, Tracker, close_conns, open_conns
+from bench.usage import cpu_seconds, rss_kb
 
 RESULTS = ROOT / "bench" / "results" / "suite.json"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -89,21 +89,6 @@ RAW_PER_USER = System("raw per-socket", RAW.app, RAW.path, "ws", "items")
 
 FANOUT_SYSTEMS = (ES_SHARED, ES_PER_USER, SOCKETIO, RAW)
 PER_USER_SYSTEMS = (ES_PER_USER, SOCKETIO_PER_USER, RAW_PER_USER)
-
-
-def cpu_seconds(pid: int) -> float:
-    """On-CPU time of every thread of the worker (``/proc/PID/task/*/schedstat``, in ns).
-
-    The same accounting ``getrusage`` reports, read from outside the worker at
-    nanosecond resolution instead of ``/proc/PID/stat``'s 10 ms ticks.
-    """
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # a thread that ended meanwhile
-    return total / 1e9
 
 
 def stop(server: GunicornServer) -> None:
