@@ -13,8 +13,9 @@ pushes arrive as ``42["push",..]``, pings ``2`` answered with ``3``).
 
 A connection can offer permessage-deflate (RFC 7692) as browsers do; if the
 server accepts, compressed messages (RSV1 set) are inflated with one zlib
-stream per connection. The client's own frames go uncompressed, which the
-extension allows. Every byte received is counted, for bytes on the wire.
+stream per connection, and the client's own messages are compressed, as a
+browser's are (so the server keeps an inflater per connection too). Every
+byte received is counted, for bytes on the wire.
 """
 
 from __future__ import annotations
@@ -35,16 +36,26 @@ BATCH = 250
 CONNECT_TIMEOUT = 60.0
 
 
-def client_frame(text: str) -> bytes:
-    """A masked text frame with the all-zero mask (so the payload goes as it is)."""
+def client_frame(text: str, deflate: bool = False) -> bytes:
+    """A masked text frame with the all-zero mask (so the payload goes as it is).
+
+    With ``deflate`` the message is compressed (RSV1 set) by a compressor
+    of its own, which the extension allows a sender to start afresh at any
+    message; this keeps no compressor state per connection in the client.
+    """
     payload = text.encode()
+    first = 0x81
+    if deflate:
+        compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        payload = (compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        first |= 0x40
     n = len(payload)
     if n < 126:
-        header = struct.pack("!BB", 0x81, 0x80 | n)
+        header = struct.pack("!BB", first, 0x80 | n)
     elif n < 1 << 16:
-        header = struct.pack("!BBH", 0x81, 0x80 | 126, n)
+        header = struct.pack("!BBH", first, 0x80 | 126, n)
     else:
-        header = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
+        header = struct.pack("!BBQ", first, 0x80 | 127, n)
     return header + b"\0\0\0\0" + payload
 
 
@@ -215,7 +226,8 @@ class Conn(asyncio.Protocol):
     # -- writing -----------------------------------------------------------------
 
     def send_text(self, text: str) -> None:
-        self._send_raw(client_frame(text))
+        """Send one text message, compressed as a browser's would be once deflate is negotiated."""
+        self._send_raw(client_frame(text, self.deflate))
 
     def _send_raw(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
