@@ -1,7 +1,90 @@
-"""``python -m bench``: the benchmark suite (see :mod:`bench.suite`)."""
+"""``python -m bench``: every scenario, entitysync_sync side by side with Flask-SocketIO and the raw loop.
 
+Run from the project root (``pip install -e '.[bench]'``)::
+
+    python -m bench [--only fanout,per_user,cross,compression] [--quick] [--help for sizes]
+
+The scenarios, in the order they run (see each module):
+
+* ``fanout`` (:mod:`bench.fanout`): a. fan-out, c. memory, d. latency on one server;
+* ``per_user`` (:mod:`bench.per_user`): b. throughput and e. burst with per-user fetches;
+* ``cross`` (:mod:`bench.cross`): d. latency across two servers on Redis and NSQ, NSQ ingest;
+* ``compression`` (:mod:`bench.compression`): f. what permessage-deflate costs.
+
+Results are printed (:mod:`bench.report`) and written to ``bench/results/suite.json``;
+the servers' logs go next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
 import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
-from bench.suite import main
+from bench import compression, cross, fanout, per_user
+from bench.report import PARTS, machine, report, rows_of
+from bench.server import RESULTS_DIR, ROOT
 
-sys.exit(main())
+RESULTS = RESULTS_DIR / "suite.json"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line: which scenarios to run and their sizes."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="", help=f"comma list of scenarios to run: {','.join(PARTS)} [all]")
+    parser.add_argument("--connections", type=int, default=10000, help="most idle connections (c) [10000]")
+    parser.add_argument("--fanout", type=lambda s: [int(x) for x in s.split(",")], default=[100, 1000, 2000, 5000],
+                        help="fan-out sizes (a) [100,1000,2000,5000]")
+    parser.add_argument("--repeats", type=int, default=5, help="notifies per fan-out size (a) [5]")
+    parser.add_argument("--latency-repeats", type=int, default=20, help="notifies at 1,000 subscribers (d) [20]")
+    parser.add_argument("--seconds", type=float, default=5.0, help="throughput run length (b) [5]")
+    parser.add_argument("--burst", type=int, default=10000, help="notifies in the burst (e) [10000]")
+    parser.add_argument("--ingest", type=int, default=50000, help="notifications published into nsqd (d) [50000]")
+    parser.add_argument("--deflate-connections", type=int, default=2000, help="clients per server (f) [2000]")
+    parser.add_argument("--deflate-notifies", type=int, default=20, help="notifies per server (f) [20]")
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness runs (~1 min)")
+    args = parser.parse_args(argv)
+    args.only = [part for part in args.only.split(",") if part] or list(PARTS)
+    if unknown := set(args.only) - set(PARTS):
+        parser.error(f"--only: no scenario {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if args.quick:
+        args.connections, args.fanout, args.repeats, args.latency_repeats = 1000, [100, 1000], 2, 3
+        args.seconds, args.burst, args.ingest = 1.0, 1000, 5000
+        args.deflate_connections, args.deflate_notifies = 500, 3
+    return args
+
+
+#: What runs each part of the result (see :data:`bench.report.PARTS` for the order).
+SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[list[dict[str, Any]]]]] = {
+    "fanout": fanout.run,
+    "per_user": per_user.run,
+    "cross": cross.run,
+    "compression": compression.run,
+}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the chosen scenarios, in :data:`~bench.report.PARTS` order."""
+    return {part: await SCENARIOS[part](args) for part in PARTS if part in args.only}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run, print the report and write the JSON; exit 1 if any server's row has an error."""
+    args = parse_args(argv)
+    started = time.monotonic()
+    result: dict[str, Any] = {"benchmark": "suite", "machine": machine(), "args": vars(args)}
+    result.update(asyncio.run(run(args)))
+    result["seconds"] = time.monotonic() - started
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(report(result))
+    print(f"results: {RESULTS.relative_to(ROOT)} ({result['seconds']:.0f} s)")
+    return 1 if any("error" in r for r in rows_of(result)) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

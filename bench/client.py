@@ -1,4 +1,4 @@
-"""A lean websocket load client: asyncio protocols and a hand-written frame parser.
+"""The load client every scenario uses: asyncio protocols and a hand-written frame parser.
 
 One process holds thousands of connections. Server frames are unmasked and
 parsed here directly (header, length, payload), so the client spends a few
@@ -10,6 +10,12 @@ Two dialects: the entitysync_sync / raw one (``{"action":"subscribe",...}``
 frames, every text frame from the server is a push) and Socket.IO 5 over
 Engine.IO 4's websocket transport (``40`` to connect, ``42["subscribe",..]``,
 pushes arrive as ``42["push",..]``, pings ``2`` answered with ``3``).
+
+A connection can offer permessage-deflate (RFC 7692) as browsers do; if the
+server accepts, compressed messages (RSV1 set) are inflated with one zlib
+stream per connection, and the client's own messages are compressed, as a
+browser's are (so the server keeps an inflater per connection too). Every
+byte received is counted, for bytes on the wire.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import os
 import struct
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,16 +36,26 @@ BATCH = 250
 CONNECT_TIMEOUT = 60.0
 
 
-def client_frame(text: str) -> bytes:
-    """A masked text frame with the all-zero mask (so the payload goes as it is)."""
+def client_frame(text: str, deflate: bool = False) -> bytes:
+    """A masked text frame with the all-zero mask (so the payload goes as it is).
+
+    With ``deflate`` the message is compressed (RSV1 set) by a compressor
+    of its own, which the extension allows a sender to start afresh at any
+    message; this keeps no compressor state per connection in the client.
+    """
     payload = text.encode()
+    first = 0x81
+    if deflate:
+        compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        payload = (compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        first |= 0x40
     n = len(payload)
     if n < 126:
-        header = struct.pack("!BB", 0x81, 0x80 | n)
+        header = struct.pack("!BB", first, 0x80 | n)
     elif n < 1 << 16:
-        header = struct.pack("!BBH", 0x81, 0x80 | 126, n)
+        header = struct.pack("!BBH", first, 0x80 | 126, n)
     else:
-        header = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
+        header = struct.pack("!BBQ", first, 0x80 | 127, n)
     return header + b"\0\0\0\0" + payload
 
 
@@ -74,15 +91,25 @@ class Tracker:
 
 
 class Conn(asyncio.Protocol):
-    """One websocket client connection that subscribes to ``keys`` once open."""
+    """One websocket client connection that subscribes to ``keys`` once open.
+
+    ``index`` numbers the connection; with ``user`` it connects as user
+    ``u<index>`` (the ``user`` query parameter the apps take as the secret).
+    """
 
     def __init__(self, dialect: str, path: str, keys: Sequence[tuple[str, str]], tracker: Tracker,
-                 user: str) -> None:
+                 index: int, user: bool = True, deflate: bool = False) -> None:
         self.dialect = dialect
         self.path = path
         self.keys = keys
         self.tracker = tracker
+        self.index = index
         self.user = user
+        self.offer_deflate = deflate
+        #: Whether the server accepted permessage-deflate.
+        self.deflate = False
+        self._inflater: Any = None
+        self.bytes_in = 0
         self.pushes = 0
         self.target = 0
         self.last = b""
@@ -98,13 +125,17 @@ class Conn(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         key = base64.b64encode(os.urandom(16)).decode()
-        sep = "&" if "?" in self.path else "?"
+        target = self.path
+        if self.user:
+            target += f"{'&' if '?' in target else '?'}user=u{self.index}"
+        offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" if self.offer_deflate else ""
         transport.write(
-            f"GET {self.path}{sep}user={self.user} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
+            f"GET {target} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n{offer}"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
         )
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
         buf = self.buf
         buf += data
         if not self.upgraded:
@@ -114,6 +145,10 @@ class Conn(asyncio.Protocol):
             if not buf.startswith(b"HTTP/1.1 101"):
                 self._fail(ConnectionError(bytes(buf[:64]).decode(errors="replace")))
                 return
+            headers = bytes(buf[:end]).lower()
+            if b"\r\nsec-websocket-extensions:" in headers and b"permessage-deflate" in headers:
+                self.deflate = True
+                self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
             del buf[: end + 4]
             self.upgraded = True
             if self.dialect == "ws":
@@ -136,6 +171,8 @@ class Conn(asyncio.Protocol):
             payload = bytes(buf[pos + head : pos + head + length])
             pos += head + length
             if opcode == 1:
+                if b0 & 0x40 and self._inflater is not None:  # RSV1: a compressed message
+                    payload = self._inflater.decompress(payload + b"\x00\x00\xff\xff")
                 self._text(payload)
             elif opcode == 9:
                 self._send_raw(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
@@ -189,7 +226,8 @@ class Conn(asyncio.Protocol):
     # -- writing -----------------------------------------------------------------
 
     def send_text(self, text: str) -> None:
-        self._send_raw(client_frame(text))
+        """Send one text message, compressed as a browser's would be once deflate is negotiated."""
+        self._send_raw(client_frame(text, self.deflate))
 
     def _send_raw(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -206,14 +244,18 @@ class Conn(asyncio.Protocol):
 
 
 async def open_conns(port: int, dialect: str, path: str, keys_for: Callable[[int], Sequence[tuple[str, str]]],
-                     tracker: Tracker, start: int, count: int) -> list[Conn]:
-    """Open connections ``start`` .. ``start+count-1``, each subscribed and holding its first pushes."""
+                     tracker: Tracker, start: int, count: int, user: bool = True,
+                     deflate: bool = False) -> list[Conn]:
+    """Open connections ``start`` .. ``start+count-1``, each subscribed and holding its first pushes.
+
+    ``BATCH`` connect at once; if any fails, every one opened is closed and the first error raised.
+    """
     loop = asyncio.get_running_loop()
     conns: list[Conn] = []
 
     async def one(i: int) -> Conn:
         _, conn = await loop.create_connection(
-            lambda: Conn(dialect, path, keys_for(i), tracker, f"u{i}"), HOST, port)
+            lambda: Conn(dialect, path, keys_for(i), tracker, i, user, deflate), HOST, port)
         conns.append(conn)
         await conn.ready
         return conn
@@ -230,7 +272,7 @@ async def open_conns(port: int, dialect: str, path: str, keys_for: Callable[[int
     except BaseException:
         close_conns(conns)
         raise
-    conns.sort(key=lambda c: int(c.user[1:]))
+    conns.sort(key=lambda c: c.index)
     return conns
 
 
