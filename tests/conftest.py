@@ -176,9 +176,13 @@ class Client:
 
     def expect_push(self, entity: str, id: str, predicate: Callable[[Any], bool] = lambda b: True,
                     timeout: float = 10.0) -> Any:
-        return self.expect(lambda f: f.get("action") == "push"
-                           and f["key"] == {"entity": entity, "id": id}
-                           and predicate(f["body"]), timeout)["body"]
+        """The next push of the key whose payload matches: its ``"body"``, or its ``"rows"`` for a set."""
+        def payload(frame: Any) -> Any:
+            return frame["rows"] if "rows" in frame else frame["body"]
+
+        return payload(self.expect(lambda f: f.get("action") == "push"
+                                   and f["key"] == {"entity": entity, "id": id}
+                                   and predicate(payload(f)), timeout))
 
     def assert_silent(self, within: float = 0.5) -> None:
         """Assert that no frame arrives within ``within`` seconds."""

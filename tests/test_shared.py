@@ -70,7 +70,7 @@ def test_a_stalled_subscriber_does_not_delay_the_others(
     server.post(f"/_t/set-quietly/sharedbig/{big_id}", {"value": -1})
     healthy = _subscribers(server, clients, "sharedbig", big_id, 3)
     for client in healthy:
-        client.expect_push("sharedbig", big_id, lambda b: b.get("value") == -1)
+        client.expect_push("sharedbig", big_id, lambda rows: rows[0].get("value") == -1)
     # A tiny receive window and no reading: its writer blocks inside the first 1 MB frame.
     stalled = clients(server.ws_url, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
     stalled.subscribe("sharedbig", big_id)
@@ -78,14 +78,14 @@ def test_a_stalled_subscriber_does_not_delay_the_others(
     for n in range(12):
         server.set("sharedbig", big_id, n)
         for client in healthy:
-            body = client.expect_push("sharedbig", big_id, lambda b, n=n: b.get("value") == n, timeout=5)
-            assert len(body["blob"]) == BIG
+            rows = client.expect_push("sharedbig", big_id, lambda r, n=n: r[0].get("value") == n, timeout=5)
+            assert len(rows[0]["blob"]) == BIG and rows[1] == {"id": big_id}
     wait_for(lambda: server.stats()["connections"] == 3 or None, timeout=15,
              message="the stalled client to be closed")
     assert "closing a connection with 1008: send timed out" in server.log()
     server.set("sharedbig", big_id, "after")
     for client in healthy:
-        assert client.expect_push("sharedbig", big_id, lambda b: b.get("value") == "after")["id"] == big_id
+        assert client.expect_push("sharedbig", big_id, lambda r: r[0].get("value") == "after")[0]["id"] == big_id
 
 
 def test_raw_mode_sends_the_same_row_bytes_to_everyone(

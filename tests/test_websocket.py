@@ -55,14 +55,16 @@ def test_several_subscriptions_per_client_route_by_key(server: Server, clients, 
     client.assert_silent()
 
 
-def test_multi_row_fetch_sends_one_push_per_row(server: Server, clients, uid: str) -> None:
+def test_multi_row_fetch_sends_the_whole_set_in_one_push(server: Server, clients, uid: str) -> None:
     client = clients(server.ws_url)
     server.set("multi", uid, "m")
     client.subscribe("multi", uid)
-    parts = [client.expect(is_push("multi", uid))["body"]["part"] for _ in range(3)]
-    assert parts == [0, 1, 2]
+    frame = client.expect(is_push("multi", uid))
+    assert "body" not in frame
+    assert [row["part"] for row in frame["rows"]] == [0, 1, 2]  # a generator's rows, in its order
     client.subscribe("pair", uid)
-    assert [client.expect(is_push("pair", uid))["body"]["n"] for _ in range(2)] == [1, 2]
+    assert [row["n"] for row in client.expect(is_push("pair", uid))["rows"]] == [1, 2]
+    client.assert_silent()
 
 
 def test_rows_use_the_app_json_provider_and_preencoded_rows_go_verbatim(
@@ -74,8 +76,7 @@ def test_rows_use_the_app_json_provider_and_preencoded_rows_go_verbatim(
         "id": uid, "when": "Fri, 02 Jan 2026 03:04:05 GMT", "price": "12.50",
         "uid": "00000000-0000-0000-0000-000000000007"}
     client.subscribe("encoded", uid)
-    assert client.expect_push("encoded", uid) == {"pre": "bytes"}
-    assert client.expect_push("encoded", uid) == {"pre": "str"}
+    assert client.expect_push("encoded", uid) == [{"pre": "bytes"}, {"pre": "str"}]
 
 
 def test_deleted_row_sends_gone(server: Server, clients, uid: str) -> None:
