@@ -173,6 +173,22 @@ class EntitySync:
         if batch:
             self.runtime().publish(batch)
 
+    def notify_entity(self, *entities: str) -> None:
+        """Tell every server that any row of ``entities`` may have changed; returns at once.
+
+        Every server refreshes every key of those entities that a local
+        client subscribes to, once per key, coalesced with refreshes already
+        pending. For after a data migration, an import or a bulk fix. A burst
+        of calls (and notifications of those entities' keys meanwhile) goes
+        out as one request per entity.
+        """
+        for entity in entities:
+            validate_entity(entity)
+            if entity not in self._registry.entities:
+                raise UnknownEntityError(f"no entity {entity!r} is registered; use @es.entity({entity!r})")
+        if entities:
+            self.runtime().publish_entities(sorted(set(entities)))
+
     def watch(self, model: type[Any], entity: str | Callable[[Any], str] | None = None,
               id: Callable[[Any], IdLike] | None = None) -> type[Any]:
         """Notify after every commit that inserted, updated or deleted a ``model`` instance.

@@ -13,7 +13,10 @@ Three kinds of payload cross the wire:
   field that Go and older servers ignore; and ``{"entity":"items","resync":true}``,
   built by :func:`encode_bus_resync`, which asks every server to refresh all
   its subscribed keys of one entity (sent after a publisher had to drop
-  notifications; a Go node reads it as a key with an empty id and ignores it).
+  notifications, and for ``notify_entity``). The Go entity-sync unmarshals
+  it into its ``EntityKey`` struct, ignoring the unknown field, and gets a
+  key with an empty id: it refreshes that key for clients subscribed to it,
+  and no Python client can subscribe to an empty id, so it does nothing.
 
 Bad input raises :class:`~entitysync_sync.exceptions.ProtocolError` carrying
 one of the error codes below.
