@@ -20,7 +20,7 @@ from .endpoint import endpoint_blueprint
 from .exceptions import ConfigError, UnknownEntityError
 from .hub import Hub
 from .keys import EntityKey, IdLike, KeyLike, as_key, stamp_keys, validate_entity
-from .orm import watcher_for
+from .orm import Watcher, watcher_for
 from .registry import Registry
 from .runtime import EXTENSION_NAME, Runtime
 from .settings import load_settings
@@ -190,18 +190,32 @@ class EntitySync:
             self.runtime().publish_entities(sorted(set(entities)))
 
     def watch(self, model: type[Any], entity: str | Callable[[Any], str] | None = None,
-              id: Callable[[Any], IdLike] | None = None) -> type[Any]:
+              id: Callable[[Any], IdLike] | None = None, *,
+              keys: Callable[[Any], Iterable[KeyLike]] | None = None,
+              entities: Iterable[str] | None = None) -> type[Any]:
         """Notify after every commit that inserted, updated or deleted a ``model`` instance.
 
         ``entity`` defaults to the table name and ``id`` to the primary key;
-        either may be a callable of the instance. See :mod:`entitysync_sync.orm`.
+        either may be a callable of the instance. Or ``keys=fn``: ``fn(instance)``
+        returns every key (``EntityKey`` or ``(entity, id)``) the instance
+        belongs to, e.g. a task's own key and its project's list; on an update,
+        the keys of its previous values are notified too. ``entities`` names the
+        entities those keys can be in, refreshed whole after a bulk ``update()``
+        or ``delete()`` whose keys cannot be known. See :mod:`entitysync_sync.orm`.
         """
-        watcher_for(self, self.notify_many).watch(model, entity, id)
+        self._watcher().watch(model, entity, id, keys=keys, entities=entities)
         return model
 
     def unwatch(self, model: type[Any]) -> None:
         """Stop notifying for ``model`` (for instance between tests)."""
-        watcher_for(self, self.notify_many).unwatch(model)
+        self._watcher().unwatch(model)
+
+    def _watcher(self) -> Watcher:
+        return watcher_for(self, self.notify_many, self._notify_entities)
+
+    def _notify_entities(self, entities: list[str] | None) -> None:
+        """An entity-wide refresh of ``entities``, or of every registered entity (None)."""
+        self.notify_entity(*(sorted(self._registry.entities) if entities is None else entities))
 
     # -- the runtime of each app -----------------------------------------------
 
