@@ -48,3 +48,36 @@ def test_the_example_page_renders_the_items(example: Server) -> None:
         page = resp.read().decode()
     assert "apples" in page and "/ws/entity-sync/client.js" in page
     assert "plums" not in page  # private: only its owner and admin see it
+
+
+def post(server: Server, path: str, body: dict[str, object] | None = None) -> None:
+    req = urllib.request.Request(f"{server.http}{path}", data=json.dumps(body or {}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert json.loads(resp.read()) == {"ok": True}
+
+
+def test_the_example_lists_push_whole_sets_after_each_commit_and_bulk_statement(example: Server, clients) -> None:
+    client: Client = clients(example.ws_url)
+    client.subscribe("lists", 1)
+    client.subscribe("lists", 2)
+    latest: dict[str, list[str]] = {}
+
+    def until(expected: dict[str, list[str]]) -> None:
+        """Read pushes until the latest set of each list is as expected (pushes of two lists may interleave)."""
+        def read(frame: dict[str, object]) -> bool:
+            if frame.get("action") == "push":
+                rows = frame["rows"]
+                assert isinstance(rows, list) and isinstance(frame["key"], dict)
+                latest[frame["key"]["id"]] = [("done " if r["done"] else "") + r["title"] for r in rows]
+            return all(latest.get(id) == titles for id, titles in expected.items())
+        client.expect(read)
+
+    until({"1": ["milk", "bread"], "2": ["laundry", "done dishes"]})
+    post(example, "/tasks/1/move", {"list": 2})  # one commit, two lists: the one it left, the one it joined
+    until({"1": ["bread"], "2": ["milk", "laundry", "done dishes"]})
+    post(example, "/lists/2/done")  # a bulk UPDATE: the lists are refreshed after its commit
+    until({"1": ["bread"], "2": ["done milk", "done laundry", "done dishes"]})
+    post(example, "/tasks/2/delete")
+    until({"1": []})  # an empty list, not gone
+    client.assert_silent()
