@@ -111,11 +111,12 @@ class EntitySync:
     def entity(self, name: str, *, shared: bool = False) -> Callable[[F], F]:
         """Register ``fetch(key, secret)`` for the entity ``name``.
 
-        ``fetch`` returns one row, a list or tuple of rows, or an iterator
-        (a generator) of rows; or ``None`` when the row does not exist, which
-        sends ``gone``. Rows are encoded with ``app.json``; a ``str`` or
-        ``bytes`` row is JSON already and is sent as it is. It runs in a fresh
-        application context for each call.
+        ``fetch`` returns one row (sent as the push's ``"body"``); a set of
+        rows, as a list, a tuple or an iterator (a generator), sent whole as
+        the push's ``"rows"`` in that order, an empty set included; or
+        ``None`` when the key does not exist, which sends ``gone``. Rows are
+        encoded with ``app.json``; a ``str`` or ``bytes`` row is JSON already
+        and is sent as it is. It runs in a fresh application context for each call.
 
         ``shared=True`` declares that the rows do not depend on the
         subscriber: ``fetch`` is then called with ``secret=None``, once per
