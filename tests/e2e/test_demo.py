@@ -79,11 +79,23 @@ def open_page(driver: Any, server: Server, user: str | None = None) -> None:
 
     driver.get(server.http + "/")
     if user is not None:
-        from selenium.webdriver.support.expected_conditions import staleness_of
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
         before = driver.find_element(By.ID, "user")
         driver.find_element(By.CSS_SELECTOR, f'.who button[value="{user}"]').click()
-        wait(driver, staleness_of(before), message="the page to reload")
+
+        def reloaded(d: Any) -> bool:
+            try:
+                before.is_enabled()
+            except StaleElementReferenceException:
+                return True
+            except WebDriverException as exc:  # Chromium, mid-navigation, reports the old node this way
+                if "does not belong to the document" in str(exc):
+                    return True
+                raise
+            return False
+
+        wait(driver, reloaded, message="the page to reload")
         wait(driver, lambda d: text(d, "#user") == user, message=f"signed in as {user}")
     wait(driver, lambda d: text(d, "#state") == "open", message="the connection indicator to say open")
     ids = [tr.get_attribute("data-id") for tr in driver.find_elements(By.CSS_SELECTOR, "#items tr[data-id]")]
