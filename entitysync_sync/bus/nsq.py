@@ -176,7 +176,7 @@ class NsqBus(BrokerBus):
 
         if self.closed or entity in self._consumers:
             return
-        consumer = _consumer_class(self._gnsq)(
+        consumer = _consumer_class()(
             self, entity, self.topic(entity), self.channel,
             nsqd_tcp_addresses=self.nsqd,
             lookupd_http_addresses=self.lookupd,
@@ -302,29 +302,22 @@ class NsqBus(BrokerBus):
         return None
 
 
-def _consumer_class(gnsq: Any) -> Any:
+def _consumer_class() -> Any:
     global _Consumer
     if _Consumer is None:
+        from ._gnsq_fixes import Consumer as FixedConsumer
 
-        class Consumer(gnsq.Consumer):  # type: ignore[misc]
-            """A gnsq consumer that resyncs its bus on every connection."""
+        class Consumer(FixedConsumer):
+            """A consumer of one entity's topic that resyncs its bus on every connection."""
 
             def __init__(self, bus: NsqBus, entity: str, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
-                self._bus = bus
-                self._entity = entity
+                self.bus = bus
+                self.entity = entity
 
             def handle_connection_success(self, conn: Any) -> None:
                 super().handle_connection_success(conn)
-                self._bus._connected(self._entity, str(conn))
-
-            def _redistribute_ready_state(self) -> None:
-                # A RDY sent on a connection that is still being made raises
-                # AttributeError and would end the RDY greenlet (gnsq pull request 32).
-                try:
-                    super()._redistribute_ready_state()
-                except Exception as exc:
-                    log.debug("RDY redistribution for %s failed (%r); retrying", self.topic, exc)
+                self.bus._connected(self.entity, str(conn))
 
         _Consumer = Consumer
     return _Consumer

@@ -1,0 +1,139 @@
+"""NSQ consumers are ready again after every reconnect, and a server repairs one that is not.
+
+nsqd sends a consumer nothing until it says ``RDY n`` with n > 0, and it starts
+every connection at RDY 0. These tests run the NSQ bus in this process (on a
+thread with its own gevent hub) against a real nsqd when ``NSQD_BIN`` names
+one, else the protocol double, and read nsqd's own view of each connection from
+its ``/stats``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Iterator
+
+import gnsq
+import gnsq.consumer
+import gnsq.protocol
+import pytest
+
+from entitysync_sync import EntityKey
+from entitysync_sync.bus.nsq import NsqBus
+from tests.conftest import wait_for
+from tests.nsqd import Nsqd
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.keys: list[EntityKey] = []
+        self.resyncs: list[str | None] = []
+        self.lock = threading.Lock()
+
+    def deliver(self, keys: Any) -> None:
+        with self.lock:
+            self.keys.extend(keys)
+
+    def resync(self, entity: str | None = None) -> None:
+        with self.lock:
+            self.resyncs.append(entity)
+
+
+@pytest.fixture
+def nsqd() -> Iterator[Nsqd]:
+    server = Nsqd()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def start_bus(nsqd: Nsqd) -> Iterator[Callable[..., tuple[NsqBus, Sink]]]:
+    made: list[NsqBus] = []
+
+    def start(prefix: str, **kwargs: Any) -> tuple[NsqBus, Sink]:
+        bus = NsqBus([nsqd.tcp_address], topic_prefix=prefix, max_backoff=1.0, **kwargs)
+        made.append(bus)
+        sink = Sink()
+        bus.start(sink, ["items"])
+        wait_for(lambda: sink.resyncs, timeout=20, message="the subscription")
+        return bus, sink
+
+    yield start
+    for bus in made:
+        bus.close()
+
+
+def on_hub(bus: NsqBus, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on the bus's gevent hub and return its result."""
+    done = threading.Event()
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        finally:
+            done.set()
+
+    assert bus._executor is not None
+    bus._executor.spawn(run)
+    assert done.wait(10), "the bus's hub did not run the call"
+    return result[0] if result else None
+
+
+def clients_of(nsqd: Nsqd, topic: str, channel: str) -> list[dict[str, Any]]:
+    stats = nsqd.channel_stats(topic, channel)
+    return list(stats["clients"]) if stats else []
+
+
+def ready_on_nsqd(nsqd: Nsqd, topic: str, channel: str) -> bool:
+    """nsqd has exactly one connection on the channel, and it is at RDY > 0."""
+    clients = clients_of(nsqd, topic, channel)
+    return len(clients) == 1 and clients[0]["ready_count"] > 0
+
+
+def publish_until_received(bus: NsqBus, sink: Sink, key: EntityKey, timeout: float) -> None:
+    bus.publish([key])
+    wait_for(lambda: key in sink.keys, timeout=timeout, message=f"{key} to be received")
+
+
+# -- the race: gnsq's RDY tick inside the reconnect window -------------------------
+
+
+@pytest.fixture
+def rdy_tick_in_connect_window(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every gnsq connection runs its consumer's RDY redistribution after it joins the
+    consumer's set (state INIT) and before it has a stream: what gnsq's 5 s RDY poll
+    does when it lands inside a reconnect. Returns how often that happened."""
+    ticks = [0]
+
+    class TickInWindow(gnsq.consumer.NsqdTCPClient):  # type: ignore[misc]
+        consumers: list[gnsq.Consumer] = []
+
+        def connect(self) -> None:
+            for consumer in self.consumers:
+                if self in consumer._connections and not self.is_connected:
+                    ticks[0] += 1
+                    consumer._redistribute_ready_state()
+            super().connect()
+
+    monkeypatch.setattr(gnsq.consumer, "NsqdTCPClient", TickInWindow)
+    return TickInWindow.consumers  # type: ignore[return-value]
+
+
+def test_a_rdy_tick_inside_the_reconnect_window_leaves_the_consumer_ready(
+        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, Sink]], uid: str,
+        rdy_tick_in_connect_window: list[Any]) -> None:
+    # The supervisor is kept out of it: the consumer itself must get this right.
+    bus, sink = start_bus(uid, supervise_interval=3600)
+    consumer = bus._consumers["items"]
+    rdy_tick_in_connect_window.append(consumer)
+    topic = bus.topic("items")
+    publish_until_received(bus, sink, EntityKey("items", "before"), timeout=15)
+    for restart in range(3):
+        resyncs = len(sink.resyncs)
+        nsqd.stop()
+        nsqd.start()
+        wait_for(lambda: len(sink.resyncs) > resyncs, timeout=20, message="the reconnection")  # noqa: B023
+        wait_for(lambda: ready_on_nsqd(nsqd, topic, bus.channel), timeout=10,
+                 message="nsqd to see the reconnected consumer at RDY > 0")
+        publish_until_received(bus, sink, EntityKey("items", f"after-{restart}"), timeout=15)
