@@ -9,6 +9,7 @@ its ``/stats``.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Callable, Iterator
 
@@ -18,7 +19,8 @@ import gnsq.protocol
 import pytest
 
 from entitysync_sync import EntityKey
-from entitysync_sync.bus.nsq import NsqBus
+from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
+from entitysync_sync.exceptions import ConfigError
 from tests.conftest import wait_for
 from tests.nsqd import Nsqd
 
@@ -137,3 +139,99 @@ def test_a_rdy_tick_inside_the_reconnect_window_leaves_the_consumer_ready(
         wait_for(lambda: ready_on_nsqd(nsqd, topic, bus.channel), timeout=10,
                  message="nsqd to see the reconnected consumer at RDY > 0")
         publish_until_received(bus, sink, EntityKey("items", f"after-{restart}"), timeout=15)
+    assert bus.stats().get("consumers_repaired", 0) == 0
+
+
+# -- the supervisor: a consumer that receives nothing is noticed and repaired ------
+
+
+def warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and r.name == "entitysync_sync" and text in r.getMessage()]
+
+
+def lose_rdy_on_nsqd(bus: NsqBus) -> int:
+    """Leave nsqd at RDY 0 on the consumer's connection while gnsq believes it is ready,
+    the state a lost RDY leaves behind. Returns the count gnsq believes in."""
+    consumer = bus._consumers["items"]
+
+    def lose() -> int:
+        (conn,) = consumer.subscribed_connections()
+        conn.send(gnsq.protocol.ready(0))
+        return int(conn.ready_count)
+
+    return int(on_hub(bus, lose))
+
+
+def test_a_consumer_whose_messages_wait_while_it_receives_nothing_is_repaired(
+        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, Sink]], uid: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="entitysync_sync")
+    bus, sink = start_bus(uid, stall_timeout=2.0, supervise_interval=0.2)
+    topic = bus.topic("items")
+    publish_until_received(bus, sink, EntityKey("items", "first"), timeout=15)
+    assert lose_rdy_on_nsqd(bus) > 0
+    wait_for(lambda: not ready_on_nsqd(nsqd, topic, bus.channel), message="nsqd to hold the connection at RDY 0")
+    resyncs = len(sink.resyncs)
+    held = EntityKey("items", "held")
+    bus.publish([held])
+    wait_for(lambda: (c := nsqd.channel_stats(topic, bus.channel)) and c["depth"] == 1,
+             message="nsqd to hold the message on the channel")
+    wait_for(lambda: held in sink.keys, timeout=15, message="the held message after the repair")
+    assert bus.stats()["consumers_repaired"] == 1
+    assert bus.stats().get("consumers_replaced", 0) == 0
+    assert sink.resyncs[resyncs:] == ["items"]
+    assert ready_on_nsqd(nsqd, topic, bus.channel)
+    (warning,) = warnings_about(caplog, "received nothing")
+    assert topic in warning and "sending its RDY counts again and resyncing" in warning
+
+
+def test_a_consumer_that_stays_stalled_after_a_repair_is_replaced(
+        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, Sink]], uid: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="entitysync_sync")
+    bus, sink = start_bus(uid, stall_timeout=2.0, supervise_interval=0.2)
+    publish_until_received(bus, sink, EntityKey("items", "first"), timeout=15)
+    consumer = bus._consumers["items"]
+    on_hub(bus, lambda: setattr(consumer, "send_ready_state", lambda resend=False: None))  # repairs do nothing
+    lose_rdy_on_nsqd(bus)
+    bus.publish([EntityKey("items", "held-1")])
+    wait_for(lambda: bus.stats().get("consumers_repaired") == 1, timeout=15, message="a repair")
+    bus.publish([EntityKey("items", "held-2")])
+    wait_for(lambda: bus.stats().get("consumers_replaced") == 1, timeout=15, message="the replacement")
+    assert bus._consumers["items"] is not consumer
+    wait_for(lambda: ready_on_nsqd(nsqd, bus.topic("items"), bus.channel), message="the new consumer at RDY > 0")
+    publish_until_received(bus, sink, EntityKey("items", "after"), timeout=15)
+    assert bus.stats()["consumers_repaired"] == 1
+    (warning,) = warnings_about(caplog, "replacing the NSQ consumer")
+    assert "still does after its RDY counts were sent again" in warning
+
+
+def test_a_connected_consumer_left_at_rdy_0_is_repaired(
+        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, Sink]], uid: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="entitysync_sync")
+    bus, sink = start_bus(uid, ready_timeout=1.0, supervise_interval=0.2)
+    consumer = bus._consumers["items"]
+    # gnsq's RDY loop is alive but sends nothing, so the reconnected connection stays at RDY 0.
+    on_hub(bus, lambda: setattr(consumer, "_redistribute_ready_state", lambda: None))
+    resyncs = len(sink.resyncs)
+    nsqd.stop()
+    nsqd.start()
+    wait_for(lambda: bus.stats().get("consumers_repaired") == 1, timeout=20, message="the repair")
+    wait_for(lambda: ready_on_nsqd(nsqd, bus.topic("items"), bus.channel), message="RDY > 0 on nsqd")
+    publish_until_received(bus, sink, EntityKey("items", "after"), timeout=15)
+    assert bus._consumers["items"] is consumer
+    assert sink.resyncs[resyncs:] == ["items", "items"]  # the reconnection's, then the repair's
+    (warning,) = warnings_about(caplog, "but not ready (RDY 0")
+    assert f"is connected to {nsqd.tcp_address}" in warning
+
+
+def test_the_supervisor_timeouts_are_options_of_the_url() -> None:
+    parsed = parse_nsq_url("nsq://h:4150?ready_timeout=3&stall_timeout=4.5")
+    assert (parsed["ready_timeout"], parsed["stall_timeout"]) == (3.0, 4.5)
+    assert parse_nsq_url("nsq://h:4150")["stall_timeout"] == 10.0
+    with pytest.raises(ConfigError, match="stall_timeout"):
+        parse_nsq_url("nsq://h:4150?stall_timeout=0")
+    with pytest.raises(ConfigError, match="ready_timeout"):
+        NsqBus(["h:4150"], ready_timeout=-1)
