@@ -10,7 +10,10 @@ its ``/stats``.
 from __future__ import annotations
 
 import logging
+import random
+import socket
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import gnsq
@@ -21,7 +24,8 @@ import pytest
 from entitysync_sync import EntityKey
 from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
 from entitysync_sync.exceptions import ConfigError
-from tests.conftest import wait_for
+from tests.brokers import NsqBroker, converge, seed
+from tests.conftest import Client, Server, wait_for
 from tests.nsqd import Nsqd
 
 
@@ -225,6 +229,105 @@ def test_a_connected_consumer_left_at_rdy_0_is_repaired(
     assert sink.resyncs[resyncs:] == ["items", "items"]  # the reconnection's, then the repair's
     (warning,) = warnings_about(caplog, "but not ready (RDY 0")
     assert f"is connected to {nsqd.tcp_address}" in warning
+
+
+# -- across real servers: nsqd restarted under write load -------------------------
+
+
+def test_every_client_converges_when_nsqd_restarts_under_write_load(cluster: Callable[..., Server],
+                                                                   uid: str) -> None:
+    """Two gunicorn servers, 40 clients of 8 keys, four writers through both servers;
+    nsqd goes down for 2 s mid-stream while 10 clients drop and come back."""
+    broker = NsqBroker()
+    try:
+        _restart_under_write_load(broker, cluster, uid)
+    finally:
+        broker.close()
+
+
+def _restart_under_write_load(broker: NsqBroker, cluster: Callable[..., Server], uid: str) -> None:
+    nsqd = broker.nsqd
+    rng = random.Random(uid)
+    servers = [cluster("gunicorn", broker), cluster("gunicorn", broker)]
+    topic = f"{uid}_items"
+    ids = [f"{uid}-{n}" for n in range(8)]
+    for id in ids:
+        seed(servers[0], id, "seed")
+
+    def connect(server: Server) -> Client:
+        client = Client(server.ws_url)
+        for id in ids:
+            client.subscribe("items", id)
+        return client
+
+    clients = [connect(servers[n % 2]) for n in range(40)]
+    written: dict[str, str] = {}
+    writes = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        # Each writer owns two ids, so the last value written to an id is its value.
+        wrng = random.Random(f"{uid}-{n}")
+        mine = ids[n::4]
+        try:
+            while not stop.is_set():
+                id = wrng.choice(mine)
+                value = f"w{n}-{writes[0]}"
+                wrng.choice(servers).set("items", id, value)
+                with lock:
+                    written[id] = value
+                    writes[0] += 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def channels_ready() -> bool:
+        found = nsqd.topic_stats(topic)
+        channels = found["channels"] if found else []
+        return len(channels) == 2 and all(
+            len(c["clients"]) == 1 and c["clients"][0]["ready_count"] > 0 for c in channels)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: writes[0] >= 40, timeout=30, message="writes before the restart")
+        for client in rng.sample(clients, 10):  # vanish without a close frame
+            client.ws.sock.shutdown(socket.SHUT_RDWR)
+            client.ws.sock.close()
+            clients.remove(client)
+        broker.stop()
+        down_at, count = time.monotonic(), writes[0]
+        wait_for(lambda: time.monotonic() - down_at >= 2 and writes[0] >= count + 20, timeout=30,
+                 message="2 s of writes while nsqd is down")
+        clients.extend(connect(rng.choice(servers)) for _ in range(10))
+        broker.start()
+        wait_for(channels_ready, timeout=30, message="both servers' consumers back and ready on nsqd")
+        count = writes[0]
+        wait_for(lambda: writes[0] >= count + 80, timeout=30, message="writes after the restart")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
+    final = {id: written.get(id, "seed") for id in ids}
+    for client in clients:
+        converge(client, final)
+
+    def drained() -> bool:
+        found = nsqd.topic_stats(topic)
+        return bool(found) and all(c["depth"] == 0 and c["in_flight_count"] == 0 for c in found["channels"])
+
+    wait_for(drained, timeout=15, message="both servers' channels drained")
+    assert channels_ready()
+    for server in servers:
+        bus = server.get("/_t/es-stats")["bus"]
+        assert bus["reconnects"] >= 1, bus
+        # The consumers were ready again on their own: nothing needed repairing.
+        assert bus.get("consumers_repaired", 0) == 0 and bus.get("consumers_replaced", 0) == 0, bus
+    for client in clients:
+        client.close()
 
 
 def test_the_supervisor_timeouts_are_options_of_the_url() -> None:
