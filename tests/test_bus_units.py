@@ -66,7 +66,8 @@ def started(buses: list[BufferedBus], url: str, prefix: str, entities: list[str]
 def test_nsq_urls_parse_into_addresses_and_options() -> None:
     assert parse_nsq_url("nsq://h1:4150,h2:4151") == {
         "nsqd": ["h1:4150", "h2:4151"], "lookupd": [], "max_in_flight": 2500,
-        "max_backoff": 5.0, "lookupd_poll_interval": 15.0, "channel": None}
+        "max_backoff": 5.0, "lookupd_poll_interval": 15.0, "ready_timeout": 10.0, "stall_timeout": 10.0,
+        "channel": None}
     parsed = parse_nsq_url("nsq://?lookupd=http://a:4161&lookupd=http://b:4161&max_in_flight=10&channel=web1")
     assert parsed["nsqd"] == [] and parsed["lookupd"] == ["http://a:4161", "http://b:4161"]
     assert parsed["max_in_flight"] == 10 and parsed["channel"] == "web1"
