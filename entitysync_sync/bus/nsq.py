@@ -36,6 +36,7 @@ import socket
 import time
 import urllib.request
 import uuid
+from functools import partial
 from typing import Any, Iterable
 from urllib.parse import parse_qs, urlsplit
 
@@ -360,15 +361,14 @@ class NsqBus(BufferedBus):
         self._subscribe(entity)
 
     def _repair(self, entity: str, consumer: Any, reason: str, now: float) -> None:
-        import gevent
-
+        assert self._executor is not None
         self.counters["consumers_repaired"] += 1
         log.warning("the NSQ consumer of %s %s; sending its RDY counts again and resyncing",
                     consumer.topic, reason)
         self._repaired_at[entity] = now
         self._waiting_since.pop(entity, None)
         # Sending may block on a full socket: never in the supervisor's loop.
-        gevent.spawn(consumer.send_ready_state, resend=True)
+        self._executor.spawn(partial(consumer.send_ready_state, resend=True))
         self._resync(entity)
 
     def _unhealthy(self, entity: str, consumer: Any, now: float, stale_after: float) -> str | None:
