@@ -22,7 +22,9 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.conftest import Client, Server, wait_for
+from tests.support.clients import Client
+from tests.support.servers import Server
+from tests.support.waiting import wait_for
 
 SHARED_REDIS = ("127.0.0.1", 6379)
 

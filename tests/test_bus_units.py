@@ -23,7 +23,7 @@ from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
 from entitysync_sync.bus.redis import RedisBus, redact
 from entitysync_sync.exceptions import ConfigError
 from tests.brokers import make_broker
-from tests.conftest import wait_for
+from tests.support.waiting import wait_for
 from tests.tcpproxy import TcpProxy
 
 

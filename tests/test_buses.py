@@ -15,7 +15,9 @@ from typing import Any, Callable
 import pytest
 
 from tests.brokers import converge, make_broker, seed, subscribed, until_pushed
-from tests.conftest import Client, Server, wait_for
+from tests.support.clients import Client
+from tests.support.servers import Server
+from tests.support.waiting import wait_for
 from tests.tcpproxy import TcpProxy
 
 

@@ -13,7 +13,8 @@ from flask import Flask
 
 from entitysync_sync import EntitySync
 from tests.brokers import free_port, make_broker, seed, subscribed, until_pushed
-from tests.conftest import ROOT, Client, Server
+from tests.support.clients import Client
+from tests.support.servers import ROOT, Server
 
 
 def make_app(**config: Any) -> Flask:

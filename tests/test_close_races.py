@@ -18,8 +18,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.conftest import WS_PATH, Server, ServerPool, wait_for
 from tests.rawws import RawClient
+from tests.support.servers import WS_PATH, Server, ServerPool
+from tests.support.waiting import wait_for
 
 FLOOD = {"ENTITYSYNC_RATE_LIMIT": 20, "ENTITYSYNC_RATE_BURST": 10, "ENTITYSYNC_PING_INTERVAL": 0.5}
 SLOW = {"ENTITYSYNC_OUTBOX_LIMIT": 2000, "ENTITYSYNC_RATE_LIMIT": 100000, "ENTITYSYNC_RATE_BURST": 100000}

@@ -16,7 +16,9 @@ from entitysync_sync import BusError, ConfigError, EntityKey, EntitySync, Invali
 from entitysync_sync.bus.nsq import NsqBus
 from entitysync_sync.testing import LiveServer
 from tests.brokers import free_port, make_broker, seed, subscribed, until_pushed
-from tests.conftest import ROOT, Client, Server, wait_for
+from tests.support.clients import Client
+from tests.support.servers import ROOT, Server
+from tests.support.waiting import wait_for
 from tests.tcpproxy import TcpProxy
 
 

@@ -6,7 +6,9 @@ import json
 import socket
 from typing import Any
 
-from .conftest import Client, Server, ServerPool, wait_for
+from tests.support.clients import Client
+from tests.support.servers import Server, ServerPool
+from tests.support.waiting import wait_for
 
 BIG = 1_000_000  # characters in the first row of a "sharedbig" push
 

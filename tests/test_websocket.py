@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from .conftest import Server, ServerPool, wait_for
+from tests.support.servers import Server, ServerPool
+from tests.support.waiting import wait_for
 
 
 def is_push(entity: str, id: str):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import ROOT
+from tests.support.servers import ROOT
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN", "/usr/bin/chromedriver")
