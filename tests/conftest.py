@@ -1,4 +1,5 @@
-"""Fixtures shared by all tests: real server processes on 127.0.0.1 and real websocket clients.
+"""Fixtures shared by all tests: real server processes on 127.0.0.1, real websocket
+clients, and the brokers and server clusters of the bus tests.
 
 The helpers these fixtures hand out live in :mod:`tests.support`.
 """
@@ -6,15 +7,17 @@ The helpers these fixtures hand out live in :mod:`tests.support`.
 from __future__ import annotations
 
 import re
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.support.brokers import BROKERS, make_broker
 from tests.support.clients import Client
 from tests.support.servers import SERVER_KINDS, Server, ServerPool
-
-pytest_plugins = ["tests.brokers"]  # the broker and cluster fixtures of the bus tests
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +60,49 @@ def clients() -> Iterator[Callable[..., Client]]:
 def uid(request: pytest.FixtureRequest) -> str:
     """A short id unique to this test, so tests sharing a server never share keys."""
     return re.sub(r"[^A-Za-z0-9]", "", request.node.name)[-40:] + str(time.monotonic_ns())[-6:]
+
+
+# -- the bus tests: brokers, and clusters of servers on one broker -----------------
+
+@pytest.fixture(params=BROKERS)
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def broker(broker_kind: str) -> Iterator[Any]:
+    """The shared broker of this kind (never stopped by a test)."""
+    b = make_broker(broker_kind)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def own_broker(broker_kind: str) -> Iterator[Any]:
+    """A broker of this test's own, which the test may stop and start."""
+    b = make_broker(broker_kind, own=True)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def cluster(uid: str) -> Iterator[Callable[..., Server]]:
+    """Start servers with ``cluster(kind, broker, prefix=...)``; they share one database."""
+    db = Path(tempfile.mkdtemp(prefix="entitysync-db-")) / "rows.sqlite3"
+    started: list[Server] = []
+
+    def start(kind: str, broker: Any, prefix: str | None = None, url: str | None = None,
+              extra_args: tuple[str, ...] = (), **config: Any) -> Server:
+        config = {"ENTITYSYNC_BUS_URL": url or broker.url(),
+                  "ENTITYSYNC_TOPIC_PREFIX": uid + "_" if prefix is None else prefix, **config}
+        server = Server(kind, config, extra_args=extra_args, extra_env={"ENTITYSYNC_TEST_DB": str(db)})
+        started.append(server)
+        wait_for(lambda: server.get("/_t/bus-ready")["ready"], timeout=30, message="the bus subscriptions")
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

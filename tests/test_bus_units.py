@@ -22,7 +22,7 @@ from entitysync_sync.bus.broker import BrokerBus
 from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
 from entitysync_sync.bus.redis import RedisBus, redact
 from entitysync_sync.exceptions import ConfigError
-from tests.brokers import make_broker
+from tests.support.brokers import make_broker
 from tests.support.waiting import wait_for
 from tests.tcpproxy import TcpProxy
 

@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.brokers import converge, make_broker, seed, subscribed, until_pushed
+from tests.support.brokers import make_broker
 from tests.support.clients import Client
+from tests.support.pushes import converge, seed, subscribed, until_pushed
 from tests.support.servers import Server
 from tests.support.waiting import wait_for
 from tests.tcpproxy import TcpProxy

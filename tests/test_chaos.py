@@ -13,8 +13,8 @@ import socket
 import threading
 from typing import Any, Callable
 
-from tests.brokers import converge, seed
 from tests.support.clients import Client
+from tests.support.pushes import converge, seed
 from tests.support.servers import Server
 from tests.support.waiting import wait_for
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.brokers import RedisBroker
 from tests.support.servers import ROOT, Server
 
-from ..brokers import RedisBroker
 from .conftest import Browsers, screenshot
 
 APP = "example_flask:create_app()"
