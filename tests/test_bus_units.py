@@ -23,8 +23,8 @@ from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
 from entitysync_sync.bus.redis import RedisBus, redact
 from entitysync_sync.exceptions import ConfigError
 from tests.support.brokers import make_broker
+from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import wait_for
-from tests.tcpproxy import TcpProxy
 
 
 class Sink:

@@ -18,8 +18,8 @@ from tests.support.brokers import make_broker
 from tests.support.clients import Client
 from tests.support.pushes import converge, seed, subscribed, until_pushed
 from tests.support.servers import Server
+from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import wait_for
-from tests.tcpproxy import TcpProxy
 
 
 def test_a_notify_on_one_server_reaches_clients_of_another(broker: Any, cluster: Callable[..., Server],

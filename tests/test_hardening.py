@@ -17,8 +17,8 @@ import websocket
 
 from tests.support.clients import Client
 from tests.support.servers import Server, ServerPool
+from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import wait_for
-from tests.tcpproxy import TcpProxy
 
 # -- origin ------------------------------------------------------------------------
 

@@ -20,8 +20,8 @@ from tests.support.clients import Client
 from tests.support.ports import free_port
 from tests.support.pushes import seed, subscribed, until_pushed
 from tests.support.servers import ROOT, Server
+from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import wait_for
-from tests.tcpproxy import TcpProxy
 
 
 @pytest.fixture

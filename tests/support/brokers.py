@@ -70,7 +70,7 @@ class RedisBroker:
                 missing("redis", f"nothing answers PING on {SHARED_REDIS[0]}:{SHARED_REDIS[1]}")
 
     def url(self, port: int | None = None) -> str:
-        """The bus URL, optionally through another port (a :class:`~tests.tcpproxy.TcpProxy`)."""
+        """The bus URL, optionally through another port (a :class:`~tests.support.tcpproxy.TcpProxy`)."""
         return f"redis://127.0.0.1:{port or self.port}/0"
 
     def describe(self) -> str:
