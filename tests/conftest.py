@@ -16,6 +16,7 @@ import pytest
 
 from tests.support.brokers import BROKERS, make_broker
 from tests.support.clients import Client
+from tests.support.nsqd import Nsqd, describe_backend
 from tests.support.servers import SERVER_KINDS, Server, ServerPool
 from tests.support.waiting import wait_for
 
@@ -105,7 +106,16 @@ def cluster(uid: str) -> Iterator[Callable[..., Server]]:
         server.stop()
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    from tests.nsqd import describe_backend
+@pytest.fixture
+def nsqd() -> Iterator[Nsqd]:
+    """A started nsqd (real or double) on fresh ports, stopped after the test."""
+    server = Nsqd()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
 
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"nsq bus tests: {describe_backend()}"]

@@ -3,7 +3,7 @@
 The buses run here exactly as under the threaded dev server (this process is
 not monkey-patched): Redis in threads, NSQ on a thread with its own gevent
 hub. Brokers are the real Redis and nsqd (or the protocol double, see
-``tests/nsqd.py``).
+``tests/support/nsqd.py``).
 """
 
 from __future__ import annotations

@@ -113,13 +113,13 @@ class NsqBroker:
     """An nsqd of the test's own: a real one when ``NSQD_BIN`` names it, else the protocol double.
 
     nsqd cannot be installed on the machines these tests were written on, so
-    by default this is ``tests/nsqd_double.py``; see :mod:`tests.nsqd`.
+    by default this is ``tests/nsqd_double.py``; see :mod:`tests.support.nsqd`.
     """
 
     kind = "nsq"
 
     def __init__(self, own: bool = False) -> None:
-        from tests.nsqd import Nsqd
+        from tests.support.nsqd import Nsqd
 
         self.nsqd = Nsqd()
         self.nsqd.start()
