@@ -1,12 +1,15 @@
-"""Real websocket clients (websocket-client) with JSON helpers."""
+"""Real websocket clients: websocket-client with JSON helpers, and a wsproto client that compresses."""
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from typing import Any, Callable
 
 import websocket
+
+from tests.support.servers import Server
 
 
 class Client:
@@ -83,3 +86,48 @@ class Client:
 
     def close(self) -> None:
         self.ws.close()
+
+
+class DeflateClient:
+    """A blocking wsproto client that offers permessage-deflate, as browsers do."""
+
+    def __init__(self, server: Server) -> None:
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request
+        from wsproto.extensions import PerMessageDeflate
+
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.sock.sendall(self.ws.send(Request(host="127.0.0.1", target="/ws/entity-sync/",
+                                               extensions=[PerMessageDeflate()])))
+        self.pending: list[Any] = []
+        accepted = self._next(lambda e: isinstance(e, AcceptConnection))
+        self.deflate = any(isinstance(ext, PerMessageDeflate) for ext in accepted.extensions)
+
+    def _next(self, match: Any) -> Any:
+        while True:
+            for i, event in enumerate(self.pending):
+                if match(event):
+                    return self.pending.pop(i)
+            data = self.sock.recv(65536)
+            assert data, "the server closed the connection"
+            self.ws.receive_data(data)
+            self.pending.extend(self.ws.events())
+
+    def send(self, obj: Any) -> None:
+        from wsproto.events import TextMessage
+
+        self.sock.sendall(self.ws.send(TextMessage(json.dumps(obj))))
+
+    def recv(self) -> Any:
+        from wsproto.events import TextMessage
+
+        parts = []
+        while True:
+            event = self._next(lambda e: isinstance(e, TextMessage))
+            parts.append(event.data)
+            if event.message_finished:
+                return json.loads("".join(parts))
+
+    def close(self) -> None:
+        self.sock.close()
