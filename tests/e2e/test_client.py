@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 
+from tests.support.browsers import Browsers
 from tests.support.servers import Server
 from tests.support.waiting import wait_for
-
-from .conftest import Browsers
 
 HARNESS = """
 window.log = [];
