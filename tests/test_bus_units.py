@@ -3,7 +3,7 @@
 The buses run here exactly as under the threaded dev server (this process is
 not monkey-patched): Redis in threads, NSQ on a thread with its own gevent
 hub. Brokers are the real Redis and nsqd (or the protocol double, see
-``tests/nsqd.py``).
+``tests/support/nsqd.py``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from entitysync_sync.bus import BufferedBus, bus_from_url
 from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
 from entitysync_sync.bus.redis import RedisBus, redact
 from entitysync_sync.exceptions import ConfigError
-from tests.brokers import make_broker
-from tests.conftest import wait_for
-from tests.tcpproxy import TcpProxy
+from tests.support.brokers import make_broker
+from tests.support.tcpproxy import TcpProxy
+from tests.support.waiting import wait_for
 
 
 class Sink:

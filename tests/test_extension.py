@@ -24,8 +24,7 @@ from entitysync_sync import (
 )
 from entitysync_sync.bus import KeyBuffer, bus_from_url
 from entitysync_sync.connection import Connection
-
-from .conftest import wait_for
+from tests.support.waiting import wait_for
 
 
 class RecordingTransport:

@@ -24,9 +24,12 @@ import pytest
 from entitysync_sync import EntityKey
 from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
 from entitysync_sync.exceptions import ConfigError
-from tests.brokers import NsqBroker, converge, seed
-from tests.conftest import Client, Server, wait_for
-from tests.nsqd import Nsqd
+from tests.support.brokers import NsqBroker
+from tests.support.clients import Client
+from tests.support.nsqd import Nsqd
+from tests.support.pushes import converge, seed
+from tests.support.servers import Server
+from tests.support.waiting import wait_for
 
 
 class Sink:

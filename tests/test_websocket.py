@@ -7,7 +7,9 @@ import socket
 
 import pytest
 
-from .conftest import Server, ServerPool, wait_for
+from tests.support.clients import DeflateClient
+from tests.support.servers import Server, ServerPool
+from tests.support.waiting import wait_for
 
 
 def is_push(entity: str, id: str):
@@ -302,8 +304,6 @@ def test_compression_is_refused_by_default(server: Server) -> None:
 
 
 def test_compression_is_negotiated_when_enabled(servers: ServerPool, clients, uid: str) -> None:
-    from tests.test_shared import DeflateClient
-
     server = servers.get("gunicorn", ENTITYSYNC_COMPRESSION=True)
     assert "permessage-deflate" in _handshake(server, offer_deflate=True)["sec-websocket-extensions"]
     server.set("items", uid, "z" * 5000)
