@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from tests.brokers import seed, subscribed
-from tests.conftest import Client, Server, ServerPool
+from tests.support.clients import Client
+from tests.support.pushes import seed, subscribed
+from tests.support.servers import Server, ServerPool
 
 
 def exercise_and_close(server: Server, uid: str) -> dict[str, Any]:
