@@ -140,8 +140,8 @@ def test_shared_notifications_coalesce_and_the_last_push_is_current(
     last = server.post(f"/_t/burst/sharedslow/{uid}?n=200")["last"]
     for client in subs:
         assert client.expect_push("sharedslow", uid, lambda b: b["value"] == last, timeout=15)["value"] == last
-    for client in subs:
-        client.assert_silent(within=0.5)
+    for client in subs:  # a notification during the fetch may repeat the last value once; nothing else
+        client.assert_settles(lambda f: f["action"] == "push" and f["body"]["value"] == last, within=0.5)
     fetches = server.get(f"/_t/fetches/sharedslow/{uid}")["count"]
     # 3 on subscribe; then at most one shared fetch running and one pending during the burst.
     assert 4 <= fetches <= 6, fetches

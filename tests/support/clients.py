@@ -72,6 +72,22 @@ class Client:
             return
         raise AssertionError(f"unexpected frame {frame!r}")
 
+    def assert_settles(self, allowed: Callable[[Any], bool], within: float = 0.5) -> None:
+        """Read until no frame arrives for ``within`` seconds; every frame read must be ``allowed``.
+
+        For a refresh that may legitimately repeat: a notification that lands
+        while a fetch runs queues one more fetch, which pushes the same rows.
+        """
+        self.ws.settimeout(within)
+        while True:
+            try:
+                raw = self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                return
+            frame = json.loads(raw)
+            if not allowed(frame):
+                raise AssertionError(f"unexpected frame {frame!r}")
+
     def close_code(self, timeout: float = 10.0) -> int | None:
         """Read until the server closes; its close code, or None if the TCP
         connection ended without a close frame."""
