@@ -22,24 +22,9 @@ from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
 from entitysync_sync.bus.redis import RedisBus, redact
 from entitysync_sync.exceptions import ConfigError
 from tests.support.brokers import make_broker
+from tests.support.sinks import RecordingSink
 from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import wait_for
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.keys: list[EntityKey] = []
-        self.resyncs: list[str | None] = []
-        self.lock = threading.Lock()
-
-    def deliver(self, keys: Any) -> None:
-        with self.lock:
-            self.keys.extend(keys)
-
-    def resync(self, entity: str | None = None) -> None:
-        with self.lock:
-            self.resyncs.append(entity)
-
 
 
 @pytest.fixture
@@ -50,11 +35,12 @@ def buses() -> Iterator[list[BufferedBus]]:
         bus.close()
 
 
-def started(buses: list[BufferedBus], url: str, prefix: str, entities: list[str], **kwargs: Any) -> tuple[Any, Sink]:
+def started(buses: list[BufferedBus], url: str, prefix: str, entities: list[str],
+            **kwargs: Any) -> tuple[Any, RecordingSink]:
     bus = bus_from_url(url, topic_prefix=prefix, **kwargs)
     assert isinstance(bus, BufferedBus)
     buses.append(bus)
-    sink = Sink()
+    sink = RecordingSink()
     bus.start(sink, entities)
     wait_for(lambda: len(sink.resyncs) >= len(entities), timeout=20, message="the subscriptions")
     return bus, sink
@@ -107,7 +93,7 @@ def test_bad_topic_prefixes_are_refused(prefix: str) -> None:
 def test_a_topic_longer_than_nsq_allows_is_refused_when_the_entity_is_added() -> None:
     bus = NsqBus(["127.0.0.1:4150"], topic_prefix="p" * 60)
     with pytest.raises(ConfigError, match="longer than 64"):
-        bus.start(Sink(), ["items"])
+        bus.start(RecordingSink(), ["items"])
 
 
 # -- behaviour against real brokers ----------------------------------------------
@@ -144,7 +130,7 @@ def test_an_entity_added_after_start_is_received(broker: Any, buses: list[Buffer
 def test_close_publishes_what_is_buffered(broker: Any, buses: list[BufferedBus], uid: str) -> None:
     _, sink = started(buses, broker.url(), uid, ["items"])
     closing = bus_from_url(broker.url(), topic_prefix=uid)
-    closing.start(Sink(), [])
+    closing.start(RecordingSink(), [])
     closing.publish([EntityKey("items", "last")])
     closing.close()
     wait_for(lambda: EntityKey("items", "last") in sink.keys, message="the last notification")

@@ -24,6 +24,7 @@ from entitysync_sync import (
 )
 from entitysync_sync.bus import KeyBuffer, bus_from_url
 from entitysync_sync.connection import Connection
+from tests.support.sinks import RecordingSink
 from tests.support.waiting import wait_for
 
 
@@ -304,16 +305,6 @@ def test_key_buffer_puts_back_a_failed_batch_ahead_of_newer_keys() -> None:
     assert dropped == {"b"} and buffer.dropped == 1
 
 
-class RecordingSink:
-    def __init__(self) -> None:
-        self.keys: list[EntityKey] = []
-        self.resyncs: list[str | None] = []
-
-    def deliver(self, keys: Any) -> None:
-        self.keys.extend(keys)
-
-    def resync(self, entity: str | None = None) -> None:
-        self.resyncs.append(entity)
 
 
 def test_memory_bus_fans_out_within_a_name_only() -> None:
