@@ -12,8 +12,11 @@ from typing import Any, Callable
 from flask import Flask
 
 from entitysync_sync import EntitySync
-from tests.brokers import free_port, make_broker, seed, subscribed, until_pushed
-from tests.conftest import ROOT, Client, Server
+from tests.support.brokers import make_broker
+from tests.support.clients import Client
+from tests.support.ports import free_port
+from tests.support.pushes import seed, subscribed, until_pushed
+from tests.support.servers import ROOT, Server
 
 
 def make_app(**config: Any) -> Flask:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Client, Server
+from tests.support.clients import Client
+from tests.support.servers import Server
 
 
 @pytest.fixture(params=["flask", "gunicorn"])

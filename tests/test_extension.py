@@ -24,8 +24,8 @@ from entitysync_sync import (
 )
 from entitysync_sync.bus import KeyBuffer, bus_from_url
 from entitysync_sync.connection import Connection
-
-from .conftest import wait_for
+from tests.support.sinks import RecordingSink
+from tests.support.waiting import wait_for
 
 
 class RecordingTransport:
@@ -319,18 +319,6 @@ def test_key_buffer_holds_an_entity_refresh_once_and_it_absorbs_that_entitys_key
     buffer.add([EntityKey("c", 1)])
     buffer.put_back(keys, resync)  # a failed send: the refresh of c is kept, and still covers c/1
     assert buffer.take() == ([], {"c"})
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.keys: list[EntityKey] = []
-        self.resyncs: list[str | None] = []
-
-    def deliver(self, keys: Any) -> None:
-        self.keys.extend(keys)
-
-    def resync(self, entity: str | None = None) -> None:
-        self.resyncs.append(entity)
 
 
 def test_memory_bus_fans_out_within_a_name_only() -> None:

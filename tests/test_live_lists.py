@@ -14,8 +14,9 @@ import socket
 from typing import Any, Callable
 
 from entitysync_sync import Publisher
-
-from .conftest import Client, Server, ServerPool, wait_for
+from tests.support.clients import Client
+from tests.support.servers import Server, ServerPool
+from tests.support.waiting import wait_for
 
 BIG = 2_000_000  # characters in the ten rows of a "biglist" set
 

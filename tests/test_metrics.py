@@ -20,8 +20,11 @@ from entitysync_sync import protocol as p
 from entitysync_sync.keys import NotifiedKey
 from entitysync_sync.metrics import BUCKETS, Histogram, Metrics
 from entitysync_sync.testing import LiveServer
-from tests.brokers import make_broker, seed, subscribed, until_pushed
-from tests.conftest import Client, Server, wait_for
+from tests.support.brokers import make_broker
+from tests.support.clients import Client
+from tests.support.pushes import seed, subscribed, until_pushed
+from tests.support.servers import Server
+from tests.support.waiting import wait_for
 
 # -- the notify time on the bus --------------------------------------------------
 

@@ -6,7 +6,9 @@ import json
 import socket
 from typing import Any
 
-from .conftest import Client, Server, ServerPool, wait_for
+from tests.support.clients import Client, DeflateClient
+from tests.support.servers import Server, ServerPool
+from tests.support.waiting import wait_for
 
 BIG = 1_000_000  # characters in the first row of a "sharedbig" push
 
@@ -107,51 +109,6 @@ def test_raw_mode_sends_the_same_row_bytes_to_everyone(
         client.assert_silent(within=0.3)
 
 
-class DeflateClient:
-    """A blocking wsproto client that offers permessage-deflate, as browsers do."""
-
-    def __init__(self, server: Server) -> None:
-        from wsproto import ConnectionType, WSConnection
-        from wsproto.events import AcceptConnection, Request
-        from wsproto.extensions import PerMessageDeflate
-
-        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        self.ws = WSConnection(ConnectionType.CLIENT)
-        self.sock.sendall(self.ws.send(Request(host="127.0.0.1", target="/ws/entity-sync/",
-                                               extensions=[PerMessageDeflate()])))
-        self.pending: list[Any] = []
-        accepted = self._next(lambda e: isinstance(e, AcceptConnection))
-        self.deflate = any(isinstance(ext, PerMessageDeflate) for ext in accepted.extensions)
-
-    def _next(self, match: Any) -> Any:
-        while True:
-            for i, event in enumerate(self.pending):
-                if match(event):
-                    return self.pending.pop(i)
-            data = self.sock.recv(65536)
-            assert data, "the server closed the connection"
-            self.ws.receive_data(data)
-            self.pending.extend(self.ws.events())
-
-    def send(self, obj: Any) -> None:
-        from wsproto.events import TextMessage
-
-        self.sock.sendall(self.ws.send(TextMessage(json.dumps(obj))))
-
-    def recv(self) -> Any:
-        from wsproto.events import TextMessage
-
-        parts = []
-        while True:
-            event = self._next(lambda e: isinstance(e, TextMessage))
-            parts.append(event.data)
-            if event.message_finished:
-                return json.loads("".join(parts))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_compressing_and_plain_subscribers_both_get_the_push(
     servers: ServerPool, clients: Any, uid: str
 ) -> None:
@@ -183,8 +140,8 @@ def test_shared_notifications_coalesce_and_the_last_push_is_current(
     last = server.post(f"/_t/burst/sharedslow/{uid}?n=200")["last"]
     for client in subs:
         assert client.expect_push("sharedslow", uid, lambda b: b["value"] == last, timeout=15)["value"] == last
-    for client in subs:
-        client.assert_silent(within=0.5)
+    for client in subs:  # a notification during the fetch may repeat the last value once; nothing else
+        client.assert_settles(lambda f: f["action"] == "push" and f["body"]["value"] == last, within=0.5)
     fetches = server.get(f"/_t/fetches/sharedslow/{uid}")["count"]
     # 3 on subscribe; then at most one shared fetch running and one pending during the burst.
     assert 4 <= fetches <= 6, fetches

@@ -250,6 +250,10 @@ class BufferedBus(Bus):
             self.counters["reconnects"] += 1
         else:
             self._ever_connected.add((entity, where))
+        self._resync(entity)
+
+    def _resync(self, entity: str | None = None) -> None:
+        """Have the sink refresh every subscribed key (of ``entity``): something may have been missed."""
         if self._sink is not None and not self.closed:
             self._sink.resync(entity)
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from ..conftest import Server, wait_for
-from .conftest import Browsers
+from tests.support.browsers import Browsers
+from tests.support.servers import Server
+from tests.support.waiting import wait_for
 
 HARNESS = """
 window.log = [];

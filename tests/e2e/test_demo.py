@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from ..brokers import RedisBroker
-from ..conftest import ROOT, Server
-from .conftest import Browsers, screenshot
+from tests.support.brokers import RedisBroker
+from tests.support.browsers import Browsers, screenshot
+from tests.support.servers import ROOT, Server
 
 APP = "example_flask:create_app()"
 LIVE = 2.0  # seconds within which an edit in one page must show in another
