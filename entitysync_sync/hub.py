@@ -47,16 +47,35 @@ class SharedFetches(Protocol):
         """Fetch ``key`` once and push it to its subscribers in ``hub``; only queues work."""
 
 
+class Interest(Protocol):
+    """Told which keys this server's clients hold, so a bus can receive only those
+    (implemented by a bus with key routing, e.g. :class:`~entitysync_sync.bus.redis.RedisBus`).
+
+    Called under the hub's lock, in the order subscriptions come and go, so
+    both methods must only record the change and return at once.
+    """
+
+    def watch(self, key: EntityKey) -> None:
+        """``key`` gained its first local subscriber."""
+
+    def unwatch(self, key: EntityKey) -> None:
+        """``key`` lost its last local subscriber."""
+
+
 class Hub:
     """Local connections and the key → connections map, safe across threads.
 
     :param tasks: where the connections run their background work.
     :param fanout: where keys of shared entities go, if any are registered.
+    :param interest: told when a key gains its first local subscriber and
+        loses its last, so the bus can receive only the keys held here.
     """
 
-    def __init__(self, tasks: Tasks | None = None, fanout: SharedFetches | None = None) -> None:
+    def __init__(self, tasks: Tasks | None = None, fanout: SharedFetches | None = None,
+                 interest: Interest | None = None) -> None:
         self.tasks = tasks if tasks is not None else Tasks("entitysync-hub")
         self.fanout = fanout
+        self.interest = interest
         self._lock = threading.Lock()
         self._connections: set[Subscriber] = set()
         self._subscribers: dict[EntityKey, set[Subscriber]] = {}
@@ -81,7 +100,12 @@ class Hub:
         """Route future notifications of ``key`` to ``conn``."""
         with self._lock:
             if conn in self._connections:
-                self._subscribers.setdefault(key, set()).add(conn)
+                conns = self._subscribers.get(key)
+                if conns is None:
+                    conns = self._subscribers[key] = set()
+                    if self.interest is not None:
+                        self.interest.watch(key)
+                conns.add(conn)
 
     def unsubscribe(self, conn: Subscriber, key: EntityKey) -> None:
         """Stop routing ``key`` to ``conn``."""
@@ -94,6 +118,8 @@ class Hub:
             conns.discard(conn)
             if not conns:
                 del self._subscribers[key]
+                if self.interest is not None:
+                    self.interest.unwatch(key)
 
     # -- the bus sink ----------------------------------------------------------
 

@@ -71,7 +71,7 @@ class Runtime:
         """The parts that hold connections and background work (again in a forked child)."""
         self.tasks = Tasks("entitysync")
         self.fanout = Fanout(self.handlers, self.tasks, self.settings.envelope, self.settings.fetch_retry_max)
-        self.hub = Hub(self.tasks, self.fanout)
+        self.hub = Hub(self.tasks, self.fanout, interest=self.bus.key_interest)
 
     def _make_bus(self) -> Bus:
         return bus_from_url(self.settings.bus_url, buffer_size=self.settings.publish_buffer,

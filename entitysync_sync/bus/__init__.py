@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Bus as Bus
 from .base import BusSink as BusSink
+from .base import KeyInterest as KeyInterest
 from .buffer import KeyBuffer as KeyBuffer
 from .buffered import BufferedBus as BufferedBus
 from .memory import MemoryBus as MemoryBus

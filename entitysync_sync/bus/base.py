@@ -69,3 +69,24 @@ class Bus(abc.ABC):
     def describe(self) -> str:
         """Where this bus connects, for logs; never includes credentials."""
         return type(self).__name__
+
+    @property
+    def key_interest(self) -> KeyInterest | None:
+        """What the hub tells which keys its clients hold, for a bus that routes by key;
+        None (the default) for a bus that receives every key of its entities."""
+        return None
+
+
+class KeyInterest(Protocol):
+    """Which keys a server's clients hold, as a bus with key routing is told it.
+
+    The runtime hands it to the hub, which calls :meth:`watch` when a key gains
+    its first local subscriber and :meth:`unwatch` when it loses its last,
+    under its lock: both must only record the change and return at once.
+    """
+
+    def watch(self, key: EntityKey) -> None:
+        """Receive notifications of ``key`` from now on (once the broker confirms)."""
+
+    def unwatch(self, key: EntityKey) -> None:
+        """Notifications of ``key`` are no longer needed here."""

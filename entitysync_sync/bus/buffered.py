@@ -220,6 +220,11 @@ class BufferedBus(Bus):
         """Where this bus connects, for logs; never includes credentials."""
         return self.kind
 
+    def _route(self, key: EntityKey) -> str:
+        """The topic (channel) a notification of ``key`` is published on: its entity's,
+        unless the backend routes by key."""
+        return self.topic(key.entity)
+
     # -- for backends ----------------------------------------------------------
 
     def _received(self, body: bytes) -> None:
@@ -326,7 +331,7 @@ class BufferedBus(Bus):
     def _batches(self, keys: Sequence[EntityKey], resync: set[str]) -> dict[str, list[bytes]]:
         batches: dict[str, list[bytes]] = {}
         for key in keys:
-            batches.setdefault(self.topic(key.entity), []).append(p.encode_bus_body(key))
+            batches.setdefault(self._route(key), []).append(p.encode_bus_body(key))
         for entity in sorted(resync):
             batches.setdefault(self.topic(entity), []).append(p.encode_bus_resync(entity))
         return batches

@@ -6,6 +6,13 @@ carrying the same JSON bodies as the NSQ bus, so
 Redis pub/sub keeps nothing for a subscriber that is away; the shared
 behaviour of :class:`~entitysync_sync.bus.buffered.BufferedBus` makes up for it
 by resyncing after every (re)subscription.
+
+With ``?routing=key`` each key also has a channel of its own, entity channel
++ ``:`` + id (``items:100``). Publishers send each key there only, and a
+server subscribes to the key channels its clients hold (the hub tells it,
+through :class:`~entitysync_sync.bus.base.KeyInterest`), so a server receives
+only the notifications it has subscribers for. It still subscribes to the
+entity channels, for resync requests and for keys published there by others.
 """
 
 from __future__ import annotations
@@ -13,16 +20,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Iterable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..backoff import backoff
 from ..exceptions import ConfigError
+from ..keys import EntityKey
+from .base import KeyInterest
 from .buffered import BufferedBus
 
 log = logging.getLogger("entitysync_sync")
 
 _PING = "entitysync"
+
+#: The values of ``?routing=``.
+ROUTINGS = ("entity", "key")
+#: Channels named in one SUBSCRIBE or UNSUBSCRIBE command.
+BATCH = 1000
+#: Seconds between two rounds of key channel (un)subscriptions, each one batch per command.
+KEY_BATCH_INTERVAL = 0.1
 
 
 def _import_redis() -> Any:
@@ -43,6 +60,25 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def split_options(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without this bus's own query options, and those options.
+
+    The rest of the query (``socket_timeout=...``) stays for redis-py.
+    """
+    parts = urlsplit(url)
+    ours: dict[str, str] = {}
+    theirs: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in _OPTIONS:
+            ours[name] = value
+        else:
+            theirs.append((name, value))
+    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
+
+
+_OPTIONS = ("routing", "unsubscribe_delay")
+
+
 class RedisBus(BufferedBus):
     """Notifications through Redis pub/sub.
 
@@ -51,16 +87,32 @@ class RedisBus(BufferedBus):
         passed to redis-py.
     :param health_check_interval: seconds between the reader's PINGs; a
         connection that answers none for two intervals is replaced.
+    :param routing: ``"entity"`` (every server receives every key of its
+        entities) or ``"key"`` (a server receives only the keys its clients
+        hold); ``?routing=`` in the URL.
+    :param unsubscribe_delay: with key routing, seconds a key channel stays
+        subscribed after its last local subscriber left, so a client that
+        comes back (a page reload) costs Redis no SUBSCRIBE;
+        ``?unsubscribe_delay=`` in the URL.
     """
 
     kind = "redis"
 
     def __init__(self, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000,
-                 health_check_interval: float = 5.0, retry_max: float = 5.0) -> None:
+                 health_check_interval: float = 5.0, retry_max: float = 5.0,
+                 routing: str = "entity", unsubscribe_delay: float = 5.0) -> None:
         super().__init__(topic_prefix=topic_prefix, buffer_size=buffer_size, retry_max=retry_max)
+        if routing not in ROUTINGS:
+            raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: routing must be one of "
+                              f"{', '.join(ROUTINGS)}, got {routing[:32]!r}")
+        if not isinstance(unsubscribe_delay, (int, float)) or not 0 <= unsubscribe_delay <= 3600:
+            raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: unsubscribe_delay must be "
+                              "0 to 3600 seconds")
         redis = _import_redis()
         self._redis = redis
         self._url = url
+        self.routing = routing
+        self.unsubscribe_delay = float(unsubscribe_delay)
         self.health_check_interval = health_check_interval
         try:
             self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True)
@@ -70,15 +122,31 @@ class RedisBus(BufferedBus):
         self._pending_lock = threading.Lock()
         self._read_failures = 0
         self._reader_done = threading.Event()
+        # Key routing: the key channels wanted here (channel -> key), those whose last
+        # subscriber left (channel -> when to drop it, oldest first), and those that
+        # changed since the reader last looked. All under _pending_lock.
+        self._wanted: dict[bytes, EntityKey] = {}
+        self._leaving: OrderedDict[bytes, float] = OrderedDict()
+        self._changed: set[bytes] = set()
 
     @classmethod
     def from_url(cls, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000) -> RedisBus:
-        return cls(url, topic_prefix=topic_prefix, buffer_size=buffer_size)
+        rest, options = split_options(url)
+        routing = options.get("routing", "entity")
+        delay_text = options.get("unsubscribe_delay", "5")
+        try:
+            delay = float(delay_text)
+        except ValueError:
+            raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: unsubscribe_delay must be a "
+                              f"number of seconds, got {delay_text[:32]!r}") from None
+        return cls(rest, topic_prefix=topic_prefix, buffer_size=buffer_size, routing=routing,
+                   unsubscribe_delay=delay)
 
     @classmethod
     def probe(cls, url: str, topics: list[str], timeout: float) -> dict[str, Any]:
         """PING, and ``PUBSUB NUMSUB``: how many server processes subscribe to each topic."""
         redis = _import_redis()
+        url = split_options(url)[0]
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
         try:
             client.ping()
@@ -91,7 +159,64 @@ class RedisBus(BufferedBus):
         return {"reachable": True, "detail": "PING answered", "subscribers": subscribers}
 
     def describe(self) -> str:
-        return f"Redis at {redact(self._url)}"
+        return f"Redis at {redact(self._url)}" + (" (key routing)" if self.routing == "key" else "")
+
+    # -- key routing -----------------------------------------------------------
+
+    @property
+    def key_interest(self) -> KeyInterest | None:
+        return self if self.routing == "key" else None
+
+    def key_channel(self, key: EntityKey) -> str:
+        """The channel of ``key`` under key routing: its entity's channel, ``:``, its id."""
+        return f"{self.topic(key.entity)}:{key.id}"
+
+    def watch(self, key: EntityKey) -> None:
+        channel = self.key_channel(key).encode()
+        with self._pending_lock:
+            if self._leaving.pop(channel, None) is None and channel not in self._wanted:
+                self._wanted[channel] = key
+                self._changed.add(channel)
+
+    def unwatch(self, key: EntityKey) -> None:
+        channel = self.key_channel(key).encode()
+        with self._pending_lock:
+            if channel in self._wanted:
+                self._leaving[channel] = time.monotonic() + self.unsubscribe_delay
+
+    def _route(self, key: EntityKey) -> str:
+        return self.key_channel(key) if self.routing == "key" else self.topic(key.entity)
+
+    def _key_changes(self, subscribed: set[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """The key channels to subscribe and to unsubscribe now, given those ``subscribed``."""
+        now = time.monotonic()
+        with self._pending_lock:
+            while self._leaving:
+                channel, when = next(iter(self._leaving.items()))
+                if when > now:
+                    break
+                del self._leaving[channel]
+                del self._wanted[channel]
+                self._changed.add(channel)
+            changed, self._changed = self._changed, set()
+            wanted = self._wanted
+            add = [c for c in changed if c in wanted and c not in subscribed]
+            drop = [c for c in changed if c not in wanted and c in subscribed]
+        return add, drop
+
+    def _confirmed_key(self, channel: bytes) -> None:
+        """A key channel's SUBSCRIBE is confirmed: refresh the key, in case it changed meanwhile."""
+        with self._pending_lock:
+            key = self._wanted.get(channel)
+        if key is not None and self._sink is not None and not self.closed:
+            self.counters["key_subscribes"] += 1
+            self._sink.deliver([key])
+
+    def stats(self) -> dict[str, int]:
+        stats = super().stats()
+        if self.routing == "key":
+            stats["key_channels"] = len(self._wanted)
+        return stats
 
     # -- backend hooks ---------------------------------------------------------
 
@@ -132,6 +257,7 @@ class RedisBus(BufferedBus):
             try:
                 with self._pending_lock:
                     self._pending.update(self._entities)
+                    self._changed.update(self._wanted)
                 self._read(pubsub)
             except errors as exc:
                 self._read_failures += 1
@@ -151,6 +277,12 @@ class RedisBus(BufferedBus):
         # a vanished host leaves a half-open socket that would never raise.
         ping_interval = self.health_check_interval
         last_pong = next_ping = time.monotonic()
+        by_key = self.routing == "key"
+        subscribed: set[bytes] = set()  # key channels subscribed on this connection
+        # With key routing the reader looks for changed keys at most 10 times a second, so a
+        # client's subscription reaches Redis within about 0.1 s, batched with its neighbours'.
+        poll = KEY_BATCH_INTERVAL if by_key else 1.0
+        next_changes = 0.0
         while not self.closed:
             if self._pending:
                 with self._pending_lock:
@@ -158,13 +290,24 @@ class RedisBus(BufferedBus):
                 channels = {self.topic(entity).encode(): entity for entity in entities}
                 waiting.update(channels)
                 pubsub.subscribe(*channels)
+            if by_key and (self._changed or self._leaving) and time.monotonic() >= next_changes:
+                next_changes = time.monotonic() + KEY_BATCH_INTERVAL
+                add, drop = self._key_changes(subscribed)
+                for first in range(0, len(add), BATCH):
+                    pubsub.subscribe(*add[first:first + BATCH])
+                    self.counters["key_subscribe_commands"] += 1
+                for first in range(0, len(drop), BATCH):
+                    pubsub.unsubscribe(*drop[first:first + BATCH])
+                    self.counters["key_unsubscribe_commands"] += 1
+                subscribed.update(add)
+                subscribed.difference_update(drop)
             now = time.monotonic()
             if now - last_pong > 2 * ping_interval + 1:
                 raise self._redis.ConnectionError(f"no answer to PING for {now - last_pong:.0f}s")
             if now >= next_ping:
                 pubsub.ping(_PING)
                 next_ping = now + ping_interval
-            message = pubsub.get_message(timeout=1.0)
+            message = pubsub.get_message(timeout=poll)
             if message is None:
                 continue
             kind = message["type"]
@@ -175,6 +318,8 @@ class RedisBus(BufferedBus):
             elif kind == "subscribe":
                 entity = waiting.pop(message["channel"], None)
                 if entity is None:
+                    if message["channel"] in subscribed:
+                        self._confirmed_key(message["channel"])
                     continue
                 if self._read_failures and not waiting:
                     log.info("subscribed to %s again; resyncing", self.describe())
