@@ -13,7 +13,7 @@ One harness serves every scenario:
 * :mod:`bench.usage`: the worker's CPU time and RSS, the only server-cost measurements;
 * :mod:`bench.client`: the load client, asyncio websocket connections in one process;
 * :mod:`bench.measure`: the steps scenarios share (memory while connecting, fan-out, settling);
-* the scenarios: :mod:`bench.fanout` (a, c, d), :mod:`bench.per_user` (b, e),
+* the scenarios: :mod:`bench.fanout` (a, c, d), :mod:`bench.per_user` (b, e), :mod:`bench.routing` (g),
   :mod:`bench.cross` (d across two servers), :mod:`bench.compression` (f);
 * :mod:`bench.report`: the printed tables.
 """

@@ -2,14 +2,15 @@
 
 Run from the project root (``pip install -e '.[bench]'``)::
 
-    python -m bench [--only fanout,per_user,cross,compression] [--quick] [--help for sizes]
+    python -m bench [--only fanout,per_user,cross,compression,routing] [--quick] [--help for sizes]
 
 The scenarios, in the order they run (see each module):
 
 * ``fanout`` (:mod:`bench.fanout`): a. fan-out, c. memory, d. latency on one server;
 * ``per_user`` (:mod:`bench.per_user`): b. throughput and e. burst with per-user fetches;
 * ``cross`` (:mod:`bench.cross`): d. latency across two servers on Redis and NSQ, NSQ ingest;
-* ``compression`` (:mod:`bench.compression`): f. what permessage-deflate costs.
+* ``compression`` (:mod:`bench.compression`): f. what permessage-deflate costs;
+* ``routing`` (:mod:`bench.routing`): g. entity against key routing, four servers on Redis.
 
 Results are printed (:mod:`bench.report`) and written to ``bench/results/suite.json``;
 the servers' logs go next to it.
@@ -25,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from bench import compression, cross, fanout, per_user
+from bench import compression, cross, fanout, per_user, routing
 from bench.report import PARTS, machine, report, rows_of
 from bench.server import RESULTS_DIR, ROOT
 
@@ -46,6 +47,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ingest", type=int, default=50000, help="notifications published into nsqd (d) [50000]")
     parser.add_argument("--deflate-connections", type=int, default=2000, help="clients per server (f) [2000]")
     parser.add_argument("--deflate-notifies", type=int, default=20, help="notifies per server (f) [20]")
+    parser.add_argument("--routing-notifications", type=int, default=20000,
+                        help="notifications of random keys across four servers (g) [20000]")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness runs (~1 min)")
     args = parser.parse_args(argv)
     args.only = [part for part in args.only.split(",") if part] or list(PARTS)
@@ -55,6 +58,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.connections, args.fanout, args.repeats, args.latency_repeats = 1000, [100, 1000], 2, 3
         args.seconds, args.burst, args.ingest = 1.0, 1000, 5000
         args.deflate_connections, args.deflate_notifies = 500, 3
+        args.routing_notifications = 2000
     return args
 
 
@@ -64,6 +68,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[list[dict[str, Any
     "per_user": per_user.run,
     "cross": cross.run,
     "compression": compression.run,
+    "routing": routing.run,
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from bench.systems import ES_PER_USER, RAW, SOCKETIO
 
 #: The scenarios' parts of a result, in the order they run.
-PARTS = ("fanout", "per_user", "cross", "compression")
+PARTS = ("fanout", "per_user", "cross", "compression", "routing")
 
 #: The distributions whose versions the report names.
 VERSIONS = ("gevent", "flask-sock", "simple-websocket", "gunicorn", "flask", "flask-socketio", "python-socketio",
@@ -156,6 +156,21 @@ def _compression(result: dict[str, Any]) -> str:
                   "wire B/frame"], rows)
 
 
+def _routing(result: dict[str, Any]) -> str:
+    rows_in = [r for r in result.get("routing", []) if "routing" in r]
+    entity: dict[str, Any] = next((r["routing"] for r in rows_in if r["server"].endswith("routing=entity")), {})
+    rows = []
+    for r in rows_in:
+        g = r["routing"]
+        rows.append([r["server"], str(g["notifications"]), " ".join(f"{s:.0%}" for s in g["received_share"]),
+                     _f(g["cluster_per_s"], ".0f"), _f(g["cpu_us_per_notification"]), _f(g["seconds"], ".2f"),
+                     _ratio(g["cluster_per_s"], entity.get("cluster_per_s"))])
+    return table("g. routing: 4 servers on one Redis, each server's clients hold 1,000 of 4,000 keys; notifications"
+                 " of random keys published into Redis (CPU: all four workers, per notification)",
+                 ["server", "notifications", "share each server received", "cluster notif/s", "CPU us/notif",
+                  "seconds", "vs entity"], rows)
+
+
 def report(result: dict[str, Any]) -> str:
     """The whole printed report of one run."""
     info = result["machine"]
@@ -164,7 +179,7 @@ def report(result: dict[str, Any]) -> str:
         "versions: " + ", ".join(f"{k} {val}" for k, val in info["versions"].items()),
         "servers: gunicorn -k gevent -w 1 each; load: one asyncio client process on the same machine",
     ])
-    tables = [t(result) for t in (_fanout, _memory, _latency, _throughput, _burst, _compression)]
+    tables = [t(result) for t in (_fanout, _memory, _latency, _throughput, _burst, _compression, _routing)]
     problems = []
     for r in rows_of(result):
         if "error" in r:

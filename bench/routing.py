@@ -1,0 +1,135 @@
+"""Scenario g: entity routing against key routing on Redis, four servers.
+
+Four ``gunicorn`` servers of entitysync (shared entity) on one Redis, first
+with ``?routing=entity`` then with ``?routing=key``. 4,000 keys, spread so
+that each server's clients hold 1,000 of them (100 connections of 10 keys
+each per server). Then 20,000 notifications of random keys are published
+straight into Redis as ``PUBLISH`` commands written in one go on the channel each routing
+sends them to (what :class:`~entitysync_sync.Publisher` does, without its
+de-duplicating buffer, so every one of the 20,000 is sent): the entity
+channel, or the key's own channel.
+
+Measured: what share of the notifications each server takes in, how long the
+cluster takes until every server has taken in all that were routed to it
+(the cluster's notifications per second), and the servers' CPU per
+notification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import sys
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+from bench.client import Tracker, open_conns
+from bench.cross import wait_bus
+from bench.measure import WAIT, row_or_error, serving
+from bench.server import Server
+from bench.systems import ES_SHARED
+from bench.usage import cpu_seconds
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+SERVERS = 4
+KEYS_PER_SERVER = 1000
+KEYS_PER_CONN = 10
+
+
+async def measure(routing: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The row of one routing: four servers, their clients, then the burst of notifications."""
+    from entitysync_sync import EntityKey
+    from entitysync_sync.bus.redis import RedisBus
+
+    row: dict[str, Any] = {"server": f"entitysync shared, {SERVERS} servers, routing={routing}"}
+    tracker = Tracker()
+    conns_per_server = KEYS_PER_SERVER // KEYS_PER_CONN
+    env = {"FLASK_ENTITYSYNC_BUS_URL": f"{REDIS_URL}?routing={routing}"}
+    async with AsyncExitStack() as stack:
+        servers = [await stack.enter_async_context(serving(row, ES_SHARED, conns_per_server, f"-{routing}-{n}", env))
+                   for n in range(SERVERS)]
+        for server, _ in servers:
+            await wait_bus(server)
+        for n, (server, conns) in enumerate(servers):
+            first = n * KEYS_PER_SERVER
+
+            def keys_for(i: int, first: int = first, n: int = n) -> list[tuple[str, str]]:
+                base = first + (i - n * conns_per_server) * KEYS_PER_CONN
+                return [("shared", f"k{base + j}") for j in range(KEYS_PER_CONN)]
+
+            conns += await open_conns(server.port, ES_SHARED.dialect, ES_SHARED.path, keys_for, tracker,
+                                      n * conns_per_server, conns_per_server)
+        if routing == "key":  # every key channel subscribed before the burst
+            for server, _ in servers:
+                await wait_stat(server, "key_channels", KEYS_PER_SERVER)
+        rng = random.Random(20)
+        ids = [rng.randrange(SERVERS * KEYS_PER_SERVER) for _ in range(args.routing_notifications)]
+        bus = RedisBus(REDIS_URL, routing=routing)
+        messages = [(bus.key_channel(EntityKey("shared", f"k{i}")) if routing == "key" else bus.topic("shared"),
+                     json.dumps({"entity": "shared", "id": f"k{i}"}, separators=(",", ":")).encode()) for i in ids]
+        expected = [len(ids) if routing == "entity" else sum(1 for i in ids if i // KEYS_PER_SERVER == n)
+                    for n in range(SERVERS)]
+        before = [(await server.get_json("/bus-stats")).get("received", 0) for server, _ in servers]
+        cpu0 = [cpu_seconds(server.worker_pid) for server, _ in servers]
+        # The commands are encoded beforehand and written in one go, so the publisher's own CPU
+        # (one Python process on the same machine) stays out of the servers' figures.
+        wire = b"".join(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                        % (len(c), c.encode(), len(b), b) for c, b in messages)
+
+        def publish() -> None:
+            with socket.create_connection(("127.0.0.1", 6379)) as sock:
+                sock.sendall(wire)
+                replies = 0
+                while replies < len(messages):
+                    chunk = sock.recv(1 << 16)
+                    if not chunk:
+                        raise ConnectionError("Redis closed the connection")
+                    replies += chunk.count(b"\r\n")
+
+        t0 = time.perf_counter()
+        await asyncio.to_thread(publish)
+        published = time.perf_counter() - t0
+        deadline = time.monotonic() + WAIT
+        received = [0] * SERVERS
+        while True:
+            for n, (server, _) in enumerate(servers):
+                received[n] = (await server.get_json("/bus-stats")).get("received", 0) - before[n]
+            if all(r >= e for r, e in zip(received, expected, strict=True)):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"servers received {received} of {expected}")
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - t0
+        cpu = [cpu_seconds(server.worker_pid) - c for (server, _), c in zip(servers, cpu0, strict=True)]
+        bus.close()
+        row["routing"] = {
+            "notifications": len(ids),
+            "received_share": [r / len(ids) for r in received],
+            "publish_seconds": published,
+            "seconds": elapsed,
+            "cluster_per_s": len(ids) / elapsed,
+            "cpu_us_per_notification": sum(cpu) / len(ids) * 1e6,
+        }
+    return row
+
+
+async def wait_stat(server: Server, name: str, value: int, timeout: float = 30) -> None:
+    """Poll ``/bus-stats`` until ``name`` reaches ``value`` (with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while (await server.get_json("/bus-stats")).get(name, 0) < value:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} never reached {value}")
+        await asyncio.sleep(0.05)
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The two rows: entity routing, then key routing."""
+    rows = []
+    for routing in ("entity", "key"):
+        print(f"measuring routing across {SERVERS} servers: {routing} ...", file=sys.stderr, flush=True)
+        rows.append(await row_or_error(routing, measure(routing, args)))
+    return rows
