@@ -2,7 +2,7 @@
 
 Run from the project root (``pip install -e '.[bench]'``)::
 
-    python -m bench [--only fanout,per_user,cross,compression,routing] [--quick] [--help for sizes]
+    python -m bench [--only fanout,per_user,cross,compression,routing,redis_cost] [--quick] [--help for sizes]
 
 The scenarios, in the order they run (see each module):
 
@@ -10,7 +10,8 @@ The scenarios, in the order they run (see each module):
 * ``per_user`` (:mod:`bench.per_user`): b. throughput and e. burst with per-user fetches;
 * ``cross`` (:mod:`bench.cross`): d. latency across two servers on Redis and NSQ, NSQ ingest;
 * ``compression`` (:mod:`bench.compression`): f. what permessage-deflate costs;
-* ``routing`` (:mod:`bench.routing`): g. entity against key routing, four servers on Redis.
+* ``routing`` (:mod:`bench.routing`): g. entity against key routing, four servers on Redis;
+* ``redis_cost`` (:mod:`bench.redis_cost`): h. what key routing costs a Redis server of its own.
 
 Results are printed (:mod:`bench.report`) and written to ``bench/results/suite.json``;
 the servers' logs go next to it.
@@ -26,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from bench import compression, cross, fanout, per_user, routing
+from bench import compression, cross, fanout, per_user, redis_cost, routing
 from bench.report import PARTS, machine, report, rows_of
 from bench.server import RESULTS_DIR, ROOT
 
@@ -49,6 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--deflate-notifies", type=int, default=20, help="notifies per server (f) [20]")
     parser.add_argument("--routing-notifications", type=int, default=20000,
                         help="notifications of random keys across four servers (g) [20000]")
+    parser.add_argument("--channels", type=int, default=100000, help="key channels subscribed in Redis (h) [100000]")
+    parser.add_argument("--publishes", type=int, default=200000, help="PUBLISH commands per routing (h) [200000]")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness runs (~1 min)")
     args = parser.parse_args(argv)
     args.only = [part for part in args.only.split(",") if part] or list(PARTS)
@@ -58,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.connections, args.fanout, args.repeats, args.latency_repeats = 1000, [100, 1000], 2, 3
         args.seconds, args.burst, args.ingest = 1.0, 1000, 5000
         args.deflate_connections, args.deflate_notifies = 500, 3
-        args.routing_notifications = 2000
+        args.routing_notifications, args.channels, args.publishes = 2000, 10000, 20000
     return args
 
 
@@ -69,6 +72,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[list[dict[str, Any
     "cross": cross.run,
     "compression": compression.run,
     "routing": routing.run,
+    "redis_cost": redis_cost.run,
 }
 
 

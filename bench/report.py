@@ -16,7 +16,7 @@ from typing import Any
 from bench.systems import ES_PER_USER, RAW, SOCKETIO
 
 #: The scenarios' parts of a result, in the order they run.
-PARTS = ("fanout", "per_user", "cross", "compression", "routing")
+PARTS = ("fanout", "per_user", "cross", "compression", "routing", "redis_cost")
 
 #: The distributions whose versions the report names.
 VERSIONS = ("gevent", "flask-sock", "simple-websocket", "gunicorn", "flask", "flask-socketio", "python-socketio",
@@ -171,6 +171,23 @@ def _routing(result: dict[str, Any]) -> str:
                   "seconds", "vs entity"], rows)
 
 
+def _redis_cost(result: dict[str, Any]) -> str:
+    lines = []
+    for r in result.get("redis_cost", []):
+        c = r.get("redis_cost")
+        if c:
+            lines.append(
+                f"h. Redis's own cost ({r['server']}, a server of its own): {c['channels']} key channels take"
+                f" {c['bytes_per_channel_first_subscriber']:.0f} B each, plus"
+                f" {c['bytes_per_channel_second_subscriber']:.0f} B per further subscriber;"
+                f" SUBSCRIBE/UNSUBSCRIBE {c['subscribe_unsubscribe_cpu_us_per_channel']:.2f} us CPU per channel;"
+                f" PUBLISH {c['publish_cpu_us_key_routing']:.2f} us CPU to a key channel (1 subscriber),"
+                f" {c['publish_cpu_us_entity_routing_4_subscribers']:.2f} / "
+                f"{c['publish_cpu_us_entity_routing_32_subscribers']:.2f} us to an entity channel"
+                " (4 / 32 subscribers)")
+    return "\n".join(lines)
+
+
 def report(result: dict[str, Any]) -> str:
     """The whole printed report of one run."""
     info = result["machine"]
@@ -179,7 +196,7 @@ def report(result: dict[str, Any]) -> str:
         "versions: " + ", ".join(f"{k} {val}" for k, val in info["versions"].items()),
         "servers: gunicorn -k gevent -w 1 each; load: one asyncio client process on the same machine",
     ])
-    tables = [t(result) for t in (_fanout, _memory, _latency, _throughput, _burst, _compression, _routing)]
+    tables = [t(result) for t in (_fanout, _memory, _latency, _throughput, _burst, _compression, _routing, _redis_cost)]
     problems = []
     for r in rows_of(result):
         if "error" in r:
