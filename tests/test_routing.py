@@ -187,3 +187,33 @@ def test_servers_on_key_routing_receive_only_what_their_clients_hold(
     finally:
         on_a.close()
         on_b.close()
+
+
+def test_the_hub_tells_its_interest_of_first_and_last_subscribers_only() -> None:
+    from entitysync_sync.hub import Hub
+
+    events: list[tuple[str, EntityKey]] = []
+
+    class Interest:
+        def watch(self, key: EntityKey) -> None:
+            events.append(("watch", key))
+
+        def unwatch(self, key: EntityKey) -> None:
+            events.append(("unwatch", key))
+
+    hub = Hub(interest=Interest())
+    one, two = object(), object()
+    a, b = EntityKey("items", "a"), EntityKey("items", "b")
+    hub.add(one)  # type: ignore[arg-type]
+    hub.add(two)  # type: ignore[arg-type]
+    hub.subscribe(one, a)  # type: ignore[arg-type]
+    hub.subscribe(two, a)  # type: ignore[arg-type]
+    hub.subscribe(one, a)  # type: ignore[arg-type]
+    hub.subscribe(two, b)  # type: ignore[arg-type]
+    assert events == [("watch", a), ("watch", b)]
+    hub.unsubscribe(one, a)  # type: ignore[arg-type]
+    hub.unsubscribe(one, b)  # type: ignore[arg-type]  # not held by one: nothing changes
+    assert events == [("watch", a), ("watch", b)]
+    hub.remove(two, [a, b])  # type: ignore[arg-type]  # a disconnect
+    assert events[2:] == [("unwatch", a), ("unwatch", b)]
+    assert hub.key_count == 0
