@@ -1,0 +1,57 @@
+// The browser client as an ES module: import { EntitySync } from "/ws/entity-sync/client.mjs",
+// with "entitysync" mapped to client.d.ts (here: tsconfig.json's "paths").
+import EntitySyncDefault, { EntitySync } from "entitysync";
+import type { ClientFrame, ConnectionState, ErrorInfo, ServerFrame, Subscription } from "entitysync";
+
+interface Item {
+  id: number;
+  name: string;
+  value: string;
+}
+
+const es: EntitySync = new EntitySync({ secret: "token", heartbeat: 25_000, timeout: 10_000 });
+const same: EntitySync = new EntitySyncDefault("/ws/entity-sync/", { minDelay: 250 });
+const url: string = es.url;
+const state: ConnectionState = es.state;
+
+const sub: Subscription = es.subscribe<Item>("items", 100, {
+  onPush(item) {
+    const name: string = item.name;
+    console.log(name.toUpperCase(), item.value);
+  },
+  onGone() {
+    console.log("item 100 was deleted");
+  },
+  onError(error: ErrorInfo) {
+    if (error.code === "forbidden") console.warn(error.message);
+  },
+});
+sub.unsubscribe();
+
+const stop: () => void = es.on("state", (s) => console.log(s === "open"));
+es.on("error", (error) => console.warn(error.code, error.message));
+stop();
+es.setSecret(null);
+same.close();
+
+// Frames, for code that speaks the protocol without the client.
+const ping: ClientFrame = { action: "ping", ref: 1 };
+const frame = JSON.parse("{}") as ServerFrame<Item>;
+if (frame.action === "push") console.log(frame.key.entity, frame.body.name);
+if (frame.action === "pong") console.log(frame.ref);
+
+// What the declarations refuse.
+// @ts-expect-error: the handlers' row type is Item, which has no "price".
+es.subscribe<Item>("items", 1, { onPush: (item) => item.price });
+// @ts-expect-error: an id is a string or a number.
+es.subscribe("items", { id: 1 });
+// @ts-expect-error: the events are "state" and "error".
+es.on("message", () => undefined);
+// @ts-expect-error: a state is "connecting", "open" or "closed".
+const wrong: ConnectionState = "reconnecting";
+// @ts-expect-error: the secret is a string or null.
+es.setSecret(42);
+// @ts-expect-error: there is no "heartbeat" action; the heartbeat is "ping".
+const probe: ClientFrame = { action: "heartbeat" };
+
+export { ping, probe, state, url, wrong };
