@@ -291,8 +291,9 @@ class NsqBus(BufferedBus):
     def _ensure_producer(self) -> Any:
         if self._producer is None:
             nsqd = self.nsqd or self._discover_nsqd()
-            self._producer = self._gnsq.Producer(nsqd, max_backoff_duration=self.max_backoff,
-                                                 **self._connection_options())
+            from ._gnsq_fixes import Producer
+
+            self._producer = Producer(nsqd, max_backoff_duration=self.max_backoff, **self._connection_options())
             self._producer.start()
         return self._producer
 
