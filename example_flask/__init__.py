@@ -20,14 +20,14 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from typing import Any
 
 import click
 from flask import Flask, abort, current_app, redirect, render_template, request, session, url_for
 
-from entitysync_sync import EntityKey, EntitySync
+from entitysync_sync import ConfigError, EntityKey, EntitySync, Publisher
 
 es = EntitySync()
 
@@ -113,13 +113,21 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     @click.option("--item", default=1, show_default=True, help="The id of the item to change.")
     @click.option("--interval", default=1.0, show_default=True, help="Seconds between changes.")
     def mutate_command(item: int, interval: float) -> None:
-        """Change an item every second, as a process of its own (needs a networked bus)."""
-        if app.config["ENTITYSYNC_BUS_URL"].startswith("memory:"):
-            click.echo("ENTITYSYNC_BUS_URL is memory://, which reaches no other process: no server will "
-                       "see these changes. Set FLASK_ENTITYSYNC_BUS_URL (e.g. redis://127.0.0.1:6379/0), "
-                       "or run the server with FLASK_EXAMPLE_MUTATE=true instead.", err=True)
+        """Change an item every second, as a process of its own (needs a networked bus).
+
+        A process that serves no websockets notifies through a Publisher on
+        the servers' bus and topic prefix.
+        """
+        try:
+            publisher = Publisher(app.config["ENTITYSYNC_BUS_URL"],
+                                  topic_prefix=app.config["ENTITYSYNC_TOPIC_PREFIX"])
+        except ConfigError as exc:
+            raise click.ClickException(
+                f"{exc}. Set FLASK_ENTITYSYNC_BUS_URL (e.g. redis://127.0.0.1:6379/0) for the servers and "
+                "this command, or run the server with FLASK_EXAMPLE_MUTATE=true instead.") from None
         click.echo(f"changing item {item} every {interval}s; Ctrl-C stops")
-        mutate(app, item, interval)
+        with publisher:  # leaving it (Ctrl-C) waits until the broker has the last change
+            mutate(app, item, interval, publisher.notify)
 
     if app.config["EXAMPLE_MUTATE"]:
         started = threading.Event()
@@ -129,7 +137,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             # Started on the first request, in the serving process (never before a fork).
             if not started.is_set():
                 started.set()
-                threading.Thread(target=mutate, args=(app, 1, 1.0), name="mutator", daemon=True).start()
+                threading.Thread(target=mutate, args=(app, 1, 1.0, es.notify), name="mutator", daemon=True).start()
 
     return app
 
@@ -180,12 +188,12 @@ def fetch_item(key: EntityKey, user: str | None) -> list[dict[str, Any]] | None:
     ]
 
 
-def mutate(app: Flask, item_id: int, interval: float) -> None:
-    """Set ``item_id``'s value to the time of day every ``interval`` seconds, and notify."""
+def mutate(app: Flask, item_id: int, interval: float, notify: Callable[[str, int], None]) -> None:
+    """Set ``item_id``'s value to the time of day every ``interval`` seconds, and ``notify``."""
     while True:
         with app.app_context(), db() as conn:
             conn.execute("UPDATE items SET value = ? WHERE id = ?", (time.strftime("%H:%M:%S"), item_id))
-        es.notify("items", item_id)
+        notify("items", item_id)
         time.sleep(interval)
 
 
