@@ -1,7 +1,7 @@
-// The browser client as an ES module: import { EntitySync } from "/ws/entity-sync/client.mjs",
-// with "entitysync" mapped to client.d.ts (here: tsconfig.json's "paths").
-import EntitySyncDefault, { EntitySync } from "entitysync";
-import type { ClientFrame, ConnectionState, ErrorInfo, ServerFrame, Subscription } from "entitysync";
+// The browser client as an ES module, imported from the URL the extension serves it at,
+// with that URL mapped to client.d.ts in tsconfig.json's "paths", as the docs show.
+import EntitySyncDefault, { EntitySync } from "/ws/entity-sync/client.mjs";
+import type { ClientFrame, ConnectionState, ErrorInfo, ServerFrame, Subscription } from "/ws/entity-sync/client.mjs";
 
 interface Item {
   id: number;
