@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, MutableMapping
+from urllib.parse import urlsplit
 
 from .exceptions import ConfigError
 from .keys import check_topic_prefix
@@ -27,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "ENTITYSYNC_FETCH_RETRY_MAX": 30.0,
     "ENTITYSYNC_RATE_LIMIT": 200.0,
     "ENTITYSYNC_RATE_BURST": 2000,
+    "ENTITYSYNC_PG_LISTEN_URL": None,
 }
 
 
@@ -51,6 +53,7 @@ class Settings:
     fetch_retry_max: float
     rate_limit: float
     rate_burst: int
+    pg_listen_url: str | None = None
 
 
 def _bool(config: MutableMapping[str, Any], key: str) -> bool:
@@ -102,6 +105,24 @@ def _origins(config: MutableMapping[str, Any], key: str) -> frozenset[str] | Non
     return frozenset(v.rstrip("/").lower() for v in value)
 
 
+def _pg_listen_url(config: MutableMapping[str, Any], key: str) -> str | None:
+    value = config[key]
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("postgresql", "postgres"):
+        shown = f"a URL with scheme {urlsplit(value).scheme or '(none)'}" if isinstance(value, str) else repr(value)
+        raise ConfigError(f"{key} must be None or a postgresql:// URL, got {shown}")
+    try:
+        urlsplit(value).port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{key} has a port that is not a number") from None
+    bus = urlsplit(config["ENTITYSYNC_BUS_URL"]).scheme
+    if bus in ("postgresql", "postgres") and value != config["ENTITYSYNC_BUS_URL"]:
+        raise ConfigError(f"{key} is for a bus that is not PostgreSQL; the postgresql:// bus already listens "
+                          "on its own database (leave it unset)")
+    return None if value == config["ENTITYSYNC_BUS_URL"] else value
+
+
 def load_settings(config: MutableMapping[str, Any]) -> Settings:
     """Fill in defaults with ``config.setdefault`` and check every value."""
     for key, default in DEFAULTS.items():
@@ -130,4 +151,5 @@ def load_settings(config: MutableMapping[str, Any]) -> Settings:
         fetch_retry_max=_seconds_or_off(config, "ENTITYSYNC_FETCH_RETRY_MAX"),
         rate_limit=_rate(config, "ENTITYSYNC_RATE_LIMIT"),
         rate_burst=_positive_int(config, "ENTITYSYNC_RATE_BURST"),
+        pg_listen_url=_pg_listen_url(config, "ENTITYSYNC_PG_LISTEN_URL"),
     )
