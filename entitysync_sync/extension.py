@@ -47,7 +47,8 @@ class EntitySync:
         URL of the websocket endpoint. The browser client is served at this
         path plus ``client.js`` (a plain script) and ``client.mjs`` (an ES module).
     ``ENTITYSYNC_BUS_URL`` [``"memory://"``]
-        The bus between servers. ``memory://`` reaches only this process.
+        The bus between servers. ``memory://`` reaches only this process;
+        ``redis://``, ``nsq://`` and ``postgresql://`` reach every server.
     ``ENTITYSYNC_PUSH_ON_SUBSCRIBE`` [``True``]
         Push the current state as soon as a client subscribes.
     ``ENTITYSYNC_ENVELOPE`` [``True``]
@@ -82,6 +83,9 @@ class EntitySync:
         Client frames per second allowed on average; past it, close 1008.
     ``ENTITYSYNC_RATE_BURST`` [``2000``]
         Client frames allowed at once after a quiet spell.
+    ``ENTITYSYNC_PG_LISTEN_URL`` [``None``]
+        A ``postgresql://`` URL to receive notifications from too (from
+        triggers), besides a bus that is not PostgreSQL.
     """
 
     def __init__(self, app: Flask | None = None, *, bus: Bus | None = None) -> None:
@@ -180,12 +184,19 @@ class EntitySync:
         ``entity`` defaults to the table name and ``id`` to the primary key;
         either may be a callable of the instance. See :mod:`entitysync_sync.orm`.
         """
-        watcher_for(self, self.notify_many).watch(model, entity, id)
+        watcher_for(self, self.notify_many, self._listened_database).watch(model, entity, id)
         return model
 
     def unwatch(self, model: type[Any]) -> None:
         """Stop notifying for ``model`` (for instance between tests)."""
-        watcher_for(self, self.notify_many).unwatch(model)
+        watcher_for(self, self.notify_many, self._listened_database).unwatch(model)
+
+    def _listened_database(self) -> Any:
+        """The PostgreSQL bus this process receives from, for ``watch``'s in-transaction notifications."""
+        try:
+            return self.runtime().listened_database()
+        except ConfigError:  # not registered on an app (yet): notify_many will say so
+            return None
 
     # -- the runtime of each app -----------------------------------------------
 

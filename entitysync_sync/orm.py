@@ -23,6 +23,16 @@ fire no such events: call ``es.notify_many`` after those.
 A notification that cannot be sent after a commit (no entity registered
 under that name, say) is logged, not raised: the commit has happened, and
 raising from ``commit()`` would tell the caller otherwise.
+
+Inside the transaction, on PostgreSQL: when the flush runs on the database
+this process listens to (a ``postgresql://`` bus, or
+``ENTITYSYNC_PG_LISTEN_URL``), the keys are sent with ``pg_notify`` on the
+flush's own connection, after each flush, instead of after the commit.
+PostgreSQL delivers them if and only if the transaction commits (a rolled-back
+savepoint drops its own), so no crash between commit and publish can lose
+them. The database is recognised by its name and its server's start time,
+read once per engine (again after the server restarts); until the listener is
+connected, keys go after the commit as elsewhere.
 """
 
 from __future__ import annotations
@@ -31,8 +41,9 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
+from . import protocol as p
 from .exceptions import ConfigError
 from .keys import EntityKey, IdLike, validate_entity
 
@@ -83,12 +94,14 @@ class Watcher:
     :param notify_many: how to notify the keys a commit wrote (``es.notify_many``).
     """
 
-    def __init__(self, notify_many: Callable[[list[EntityKey]], None]) -> None:
+    def __init__(self, notify_many: Callable[[list[EntityKey]], None],
+                 listened_database: Callable[[], ListenedDatabase | None] = lambda: None) -> None:
         self._notify_many = notify_many
         self._lock = threading.Lock()
         self._watches: dict[type[Any], list[_Watch]] = {}
         self._info_key = f"entitysync_sync.pending.{id(self)}"
         self._listening = False
+        self._in_transaction = _InTransaction(listened_database, f"entitysync_sync.flushed.{id(self)}")
 
     def watch(self, model: type[Any], entity: EntitySpec = None, id: IdSpec = None) -> None:
         """Notify after each commit that wrote an instance of ``model`` (or of a subclass)."""
@@ -114,6 +127,7 @@ class Watcher:
                 event.listen(session, "after_commit", self._after_commit)
                 event.listen(session, "after_soft_rollback", self._after_soft_rollback)
                 event.listen(session, "after_transaction_end", self._after_transaction_end)
+                event.listen(session, "after_flush", self._in_transaction.after_flush)
                 self._listening = True
             if model not in self._watches:
                 self._watches[model] = []
@@ -149,10 +163,11 @@ class Watcher:
         session = object_session(instance)
         if session is None:  # pragma: no cover - the unit of work always has a session
             return
+        written = [watch.key(instance, mapper)
+                   for model in type(instance).__mro__ for watch in self._watches.get(model, ())]
         keys = self._pending(session, create=True)
-        for model in type(instance).__mro__:
-            for watch in self._watches.get(model, ()):
-                keys[watch.key(instance, mapper)] = None
+        for key in self._in_transaction.take(session, connection, written):
+            keys[key] = None
 
     def _pending(self, session: Any, create: bool = False) -> dict[EntityKey, None]:
         """The keys written in the session's innermost transaction."""
@@ -181,6 +196,7 @@ class Watcher:
             log.exception("notifying %d key(s) after a commit failed", len(keys))
 
     def _after_soft_rollback(self, session: Any, previous_transaction: Any) -> None:
+        session.info.pop(self._in_transaction.info_key, None)  # a flush that failed before after_flush
         frames = session.info.get(self._info_key)
         if frames:
             frames.pop(previous_transaction, None)
@@ -192,14 +208,74 @@ class Watcher:
             frames.pop(transaction, None)
 
 
+class ListenedDatabase(Protocol):
+    """The PostgreSQL bus a server receives from (:class:`~entitysync_sync.bus.postgres.PostgresBus`)."""
+
+    database_identity: tuple[str, str] | None
+
+    def topic(self, entity: str) -> str:
+        """The channel of ``entity``."""
+
+
+_IDENTITY = "SELECT current_database(), pg_postmaster_start_time()::text"
+_NOTIFY = "SELECT pg_notify(c, b) FROM unnest(CAST(:c AS text[]), CAST(:b AS text[])) AS n(c, b)"
+
+
+class _InTransaction:
+    """Sends the keys a flush wrote with ``pg_notify`` on the flush's connection, when that
+    connection reaches the database the servers listen to."""
+
+    def __init__(self, listened_database: Callable[[], ListenedDatabase | None], info_key: str) -> None:
+        self._listened_database = listened_database
+        self.info_key = info_key
+        # engine -> (its database's identity, the listener's identity it was compared with)
+        self._identities: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], tuple[str, str]]] = (
+            weakref.WeakKeyDictionary())
+
+    def take(self, session: Any, connection: Any, keys: list[EntityKey]) -> list[EntityKey]:
+        """Keep the ``keys`` that can go inside the transaction; return the others."""
+        database = self._database(connection) if keys else None
+        if database is None:
+            return keys
+        rest = []
+        flushed = session.info.setdefault(self.info_key, {}).setdefault(connection, {})
+        for key in keys:
+            try:
+                flushed[key] = database.topic(key.entity)
+            except ConfigError:  # a prefix plus entity too long: after the commit, which logs why
+                rest.append(key)
+        return rest
+
+    def after_flush(self, session: Any, flush_context: Any) -> None:
+        from sqlalchemy import text
+
+        for connection, keys in session.info.pop(self.info_key, {}).items():
+            bodies = [p.encode_bus_body(EntityKey(key.entity, key.id)).decode() for key in keys]
+            connection.execute(text(_NOTIFY), {"c": list(keys.values()), "b": bodies})
+
+    def _database(self, connection: Any) -> ListenedDatabase | None:
+        if connection.dialect.name != "postgresql":
+            return None
+        database = self._listened_database()
+        listening = database.database_identity if database is not None else None
+        if listening is None:
+            return None
+        engine = connection.engine
+        known = self._identities.get(engine)
+        if known is None or known[1] != listening:
+            known = self._identities[engine] = (tuple(connection.exec_driver_sql(_IDENTITY).one()), listening)
+        return database if known[0] == listening else None
+
+
 _watchers: weakref.WeakKeyDictionary[object, Watcher] = weakref.WeakKeyDictionary()
 _watchers_lock = threading.Lock()
 
 
-def watcher_for(owner: object, notify_many: Callable[[list[EntityKey]], None]) -> Watcher:
+def watcher_for(owner: object, notify_many: Callable[[list[EntityKey]], None],
+                listened_database: Callable[[], ListenedDatabase | None] = lambda: None) -> Watcher:
     """The :class:`Watcher` of ``owner`` (an ``EntitySync``), made on first use."""
     with _watchers_lock:
         watcher = _watchers.get(owner)
         if watcher is None:
-            watcher = _watchers[owner] = Watcher(notify_many)
+            watcher = _watchers[owner] = Watcher(notify_many, listened_database)
         return watcher
