@@ -72,8 +72,9 @@ def trigger_sql(entity: str, table: str, id_column: str = "id", topic_prefix: st
     ``table`` may be schema-qualified (``"shop.items"``); the function is
     created in the same schema. ``topic_prefix`` must be the servers'
     ``ENTITYSYNC_TOPIC_PREFIX``. Running it again replaces the function and
-    triggers. Raises :class:`~entitysync_sync.ConfigError` for a bad entity
-    name, prefix, table or column name.
+    triggers. Raises :class:`~entitysync_sync.InvalidKeyError` for a bad
+    entity name and :class:`~entitysync_sync.ConfigError` for a bad prefix,
+    table or column name.
     """
     names = _names(entity, table, id_column, topic_prefix)
     sql = import_psycopg().sql
