@@ -534,3 +534,28 @@ def test_closing_joins_the_listener_and_the_publisher(pg: PgBroker) -> None:
     assert bus.running == 0
     assert pg.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
                       (f"entitysync listen {os.getpid()}",)) == [(0,)]
+
+
+# -- the demo on PostgreSQL --------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["gunicorn", "flask"])
+def test_the_demo_on_postgresql_shows_an_update_typed_in_psql(pg: PgBroker, kind: str) -> None:
+    schema = "es_demo_" + secrets.token_hex(5)
+    config = {"ENTITYSYNC_BUS_URL": pg.url(), "EXAMPLE_PG_SCHEMA": schema, "ENTITYSYNC_TOPIC_PREFIX": schema + "_"}
+    server = Server(kind, config, app="example_flask:create_app()", ready_path="/")
+    try:
+        client = Client(server.ws_url)
+        client.subscribe("items", "1")
+        first = client.expect_push("items", "1")
+        assert first["name"] == "apples"
+        pg.psql(f"UPDATE {schema}.items SET value = 'typed in psql' WHERE id = 1")
+        assert client.expect_push("items", "1", lambda body: body.get("value") == "typed in psql")["name"] == "apples"
+        server.post("/items/1", {"value": "from the page"})  # the view commits; the trigger notifies
+        client.expect_push("items", "1", lambda body: body.get("value") == "from the page")
+        pg.psql(f"DELETE FROM {schema}.items WHERE id = 1")
+        client.expect(is_gone("items", "1"))
+        client.close()
+    finally:
+        server.stop()
+        pg.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
