@@ -4,10 +4,10 @@ NOTIFY takes a database-wide lock when its transaction commits and holds it
 until the commit is done, so notifying transactions commit one at a time.
 This measures it on the machine's PostgreSQL (``--pg-url``, default
 ``postgresql://root@127.0.0.1:5432/test``) with ``pgbench``: commits per
-second of a one-row ``UPDATE`` of a random row among 10,000, by 1, 4 and 16
+second of a transaction that updates one random row among 10,000, by 1, 4 and 16
 concurrent writers (``--pg-writers``), for ``--pg-seconds`` each, in three forms:
 
-* ``no notify``: the plain ``UPDATE``;
+* ``no notify``: ``BEGIN; UPDATE ...; COMMIT``;
 * ``trigger``: the same table with :func:`~entitysync_sync.postgres.trigger_sql`'s trigger;
 * ``es.watch in transaction``: the plain table, and in the same transaction the
   statement ``es.watch`` sends after a flush (``pg_notify`` over ``unnest``).
@@ -34,13 +34,12 @@ from entitysync_sync.postgres import trigger_sql
 
 SCHEMA = "entitysync_bench"
 ROWS = 10_000
-UPDATE = f"\\set id random(1, {ROWS})\nUPDATE {SCHEMA}.%s SET value = value + 1 WHERE id = :id;\n"
-WATCH = (f"\\set id random(1, {ROWS})\nBEGIN;\nUPDATE {SCHEMA}.plain SET value = value + 1 WHERE id = :id;\n"
-         "SELECT pg_notify(c, b) FROM unnest(ARRAY['%s'], "
-         "ARRAY['{\"entity\":\"items\",\"id\":\"' || :id || '\"}']) AS n(c, b);\nCOMMIT;\n")
+UPDATE = f"\\set id random(1, {ROWS})\nBEGIN;\nUPDATE {SCHEMA}.%s SET value = value + 1 WHERE id = :id;\n%sCOMMIT;\n"
+WATCH = ("SELECT pg_notify(c, b) FROM unnest(ARRAY['%s'], "
+         "ARRAY['{\"entity\":\"items\",\"id\":\"' || :id || '\"}']) AS n(c, b);\n")
 
-FORMS = (("no notify", UPDATE % "plain"), ("trigger", UPDATE % "triggered"),
-         ("es.watch in transaction", WATCH % channel_name("", "items")))
+FORMS = (("no notify", UPDATE % ("plain", "")), ("trigger", UPDATE % ("triggered", "")),
+         ("es.watch in transaction", UPDATE % ("plain", WATCH % channel_name("", "items"))))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
