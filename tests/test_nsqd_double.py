@@ -22,7 +22,7 @@ import gevent
 import gnsq
 import pytest
 
-from tests.nsqd import Nsqd, NsqdHTTPError, nsqd_fixture  # noqa: F401  (nsqd_fixture provides `nsqd`)
+from tests.support.nsqd import Nsqd, NsqdHTTPError
 
 
 def poll(predicate: Callable[[], Any], timeout: float = 10.0, message: str = "condition") -> Any:
@@ -263,6 +263,48 @@ def test_rdy_caps_messages_in_flight(nsqd: Nsqd, raw: Any) -> None:
     conn.assert_silent(0.3)
     assert nsqd.channel_stats("flow", "c")["depth"] == 2  # type: ignore[index]
     assert [m[3] for m in (*first, third)] == [b"m1", b"m2", b"m3"]
+
+
+def test_a_connection_gets_nothing_until_it_sends_rdy(nsqd: Nsqd, raw: Any) -> None:
+    conn = subscribed(raw, "held", "c")
+    nsqd.mpub("held", [b"h1", b"h2", b"h3"])
+    conn.assert_silent(0.5)
+    stats = nsqd.channel_stats("held", "c")
+    assert stats is not None and (stats["depth"], stats["in_flight_count"]) == (3, 0)
+    assert [c["ready_count"] for c in stats["clients"]] == [0]  # every connection starts at RDY 0
+    conn.send("RDY")  # no count means 1
+    first = conn.message()
+    conn.assert_silent(0.3)
+    stats = nsqd.channel_stats("held", "c")
+    assert stats is not None and (stats["depth"], stats["in_flight_count"]) == (2, 1)
+    assert [c["ready_count"] for c in stats["clients"]] == [1]
+    conn.send("RDY 5")
+    assert [first[3], conn.message()[3], conn.message()[3]] == [b"h1", b"h2", b"h3"]
+
+
+def test_lowering_rdy_below_in_flight_waits_for_finishes(nsqd: Nsqd, raw: Any) -> None:
+    conn = subscribed(raw, "lower", "c")
+    nsqd.mpub("lower", [b"l1", b"l2", b"l3", b"l4"])
+    conn.send("RDY 3")
+    held = [conn.message() for _ in range(3)]
+    conn.send("RDY 1")
+    conn.send(f"FIN {held[0][2].decode()}")
+    conn.assert_silent(0.3)  # two in flight, RDY 1: nothing more
+    conn.send(f"FIN {held[1][2].decode()}")
+    conn.assert_silent(0.3)  # one in flight, RDY 1: still nothing
+    conn.send(f"FIN {held[2][2].decode()}")
+    assert conn.message()[3] == b"l4"
+
+
+def test_a_channel_sends_only_to_its_ready_connections(nsqd: Nsqd, raw: Any) -> None:
+    idle = subscribed(raw, "share", "c")
+    ready = subscribed(raw, "share", "c")
+    ready.send("RDY 10")
+    nsqd.mpub("share", [b"s1", b"s2", b"s3"])
+    assert sorted(ready.message()[3] for _ in range(3)) == [b"s1", b"s2", b"s3"]
+    idle.assert_silent(0.3)
+    clients = nsqd.channel_stats("share", "c")["clients"]  # type: ignore[index]
+    assert sorted((c["ready_count"], c["in_flight_count"]) for c in clients) == [(0, 0), (10, 3)]
 
 
 def test_fin_req_touch_and_their_non_fatal_errors(nsqd: Nsqd, raw: Any) -> None:

@@ -25,9 +25,13 @@ from entitysync_sync.bus import bus_from_url
 from entitysync_sync.bus.postgres import channel_name
 from entitysync_sync.postgres import drop_trigger_sql, trigger_sql
 from entitysync_sync.settings import load_settings
-from tests.brokers import PgBroker, PgSchema, free_port, make_broker, seed, subscribed, until_pushed
-from tests.conftest import ROOT, Client, Server, wait_for
-from tests.tcpproxy import TcpProxy
+from tests.support.brokers import PgBroker, PgSchema, make_broker
+from tests.support.clients import Client
+from tests.support.ports import free_port
+from tests.support.pushes import seed, subscribed, until_pushed
+from tests.support.servers import ROOT, Server
+from tests.support.tcpproxy import TcpProxy
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture

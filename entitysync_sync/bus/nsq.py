@@ -18,8 +18,10 @@ URL forms::
 
 Options in the query: ``max_in_flight`` (per topic, default 2500, nsqd's
 default ``--max-rdy-count``), ``max_backoff`` (seconds between reconnects,
-default 5), ``lookupd_poll_interval`` (seconds, default 15) and ``channel``
-(the channel name before ``#ephemeral``; default a unique id of this process).
+default 5), ``lookupd_poll_interval`` (seconds, default 15), ``channel``
+(the channel name before ``#ephemeral``; default a unique id of this process),
+``ready_timeout`` and ``stall_timeout`` (seconds, default 10 each; see
+:meth:`NsqBus._supervise`).
 
 gnsq is gevent-only: in a process that is not monkey-patched (the threaded
 dev server) the bus runs on a thread of its own with its own gevent hub.
@@ -34,6 +36,7 @@ import socket
 import time
 import urllib.request
 import uuid
+from functools import partial
 from typing import Any, Iterable
 from urllib.parse import parse_qs, urlsplit
 
@@ -51,6 +54,10 @@ MPUB_BATCH = 1000
 PUBLISH_TIMEOUT = 5.0
 #: Seconds between nsqd's heartbeats on our connections (nsqd's default is 30).
 HEARTBEAT = 5
+#: Default seconds a subscribed connection may stay at RDY 0 before the supervisor repairs it.
+READY_TIMEOUT = 10.0
+#: Default seconds a consumer may receive nothing while its own published messages wait for it.
+STALL_TIMEOUT = 10.0
 
 
 def _import_gnsq() -> Any:
@@ -94,7 +101,8 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
             raise ConfigError(f"ENTITYSYNC_BUS_URL: nsqd address {address!r} must be host:port")
         nsqd.append(f"{host}:{int(port)}")
     query = parse_qs(parts.query)
-    known = {"lookupd", "max_in_flight", "max_backoff", "lookupd_poll_interval", "channel"}
+    known = {"lookupd", "max_in_flight", "max_backoff", "lookupd_poll_interval", "channel",
+             "ready_timeout", "stall_timeout"}
     unknown = sorted(set(query) - known)
     if unknown:
         raise ConfigError(f"ENTITYSYNC_BUS_URL: unknown nsq:// option(s) {', '.join(unknown)}; "
@@ -112,6 +120,8 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
         "max_in_flight": _number(query, "max_in_flight", 2500, int),
         "max_backoff": _number(query, "max_backoff", 5.0),
         "lookupd_poll_interval": _number(query, "lookupd_poll_interval", 15.0),
+        "ready_timeout": _number(query, "ready_timeout", READY_TIMEOUT),
+        "stall_timeout": _number(query, "stall_timeout", STALL_TIMEOUT),
         "channel": query.get("channel", [None])[-1],
     }
 
@@ -126,6 +136,10 @@ class NsqBus(BufferedBus):
     :param max_in_flight: messages each topic's consumer may hold unacknowledged.
     :param max_backoff: longest pause between two reconnection attempts, in seconds.
     :param channel: this server's channel name, without ``#ephemeral``.
+    :param ready_timeout: seconds a subscribed connection may stay at RDY 0
+        (nsqd then sends it nothing) before the supervisor repairs it.
+    :param stall_timeout: seconds a consumer may receive nothing after this
+        server published to its topic before the supervisor repairs it.
     """
 
     kind = "nsq"
@@ -134,7 +148,8 @@ class NsqBus(BufferedBus):
     def __init__(self, nsqd: Iterable[str] = (), lookupd: Iterable[str] = (), *,
                  topic_prefix: str = "", buffer_size: int = 10_000, max_in_flight: int = 2500,
                  max_backoff: float = 5.0, lookupd_poll_interval: float = 15.0,
-                 channel: str | None = None, supervise_interval: float = 1.0) -> None:
+                 channel: str | None = None, supervise_interval: float = 1.0,
+                 ready_timeout: float = READY_TIMEOUT, stall_timeout: float = STALL_TIMEOUT) -> None:
         super().__init__(topic_prefix=topic_prefix, buffer_size=buffer_size, retry_max=max_backoff)
         self._gnsq = _import_gnsq()
         self.nsqd = list(nsqd)
@@ -145,6 +160,11 @@ class NsqBus(BufferedBus):
         self.max_backoff = max_backoff
         self.lookupd_poll_interval = lookupd_poll_interval
         self.supervise_interval = supervise_interval
+        for name, value in (("ready_timeout", ready_timeout), ("stall_timeout", stall_timeout)):
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"NSQ bus {name} must be a positive number of seconds, got {value!r}")
+        self.ready_timeout = float(ready_timeout)
+        self.stall_timeout = float(stall_timeout)
         name = channel if channel is not None else default_channel()
         if (_CHANNEL_PATTERN.fullmatch(name) is None
                 or len(name) + len(_EPHEMERAL) > MAX_TOPIC_LENGTH):
@@ -154,6 +174,12 @@ class NsqBus(BufferedBus):
         self._consumers: dict[str, Any] = {}
         self._producer: Any = None
         self._down_since: dict[str, float] = {}
+        self._entity_of_topic: dict[str, str] = {}
+        #: entity -> when this server published to its topic while its consumer was
+        #: settled, and has received nothing on it since.
+        self._waiting_since: dict[str, float] = {}
+        #: entity -> when its consumer was last repaired, until it receives again.
+        self._repaired_at: dict[str, float] = {}
 
     @classmethod
     def from_url(cls, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000) -> NsqBus:
@@ -200,7 +226,7 @@ class NsqBus(BufferedBus):
         assert self._executor is not None
         if self.closed or entity in self._consumers:
             return
-        consumer = _consumer_class(self._gnsq)(
+        consumer = _consumer_class()(
             self, entity, self.topic(entity), self.channel,
             nsqd_tcp_addresses=self.nsqd,
             lookupd_http_addresses=self.lookupd,
@@ -215,11 +241,14 @@ class NsqBus(BufferedBus):
             **self._connection_options(),
         )
         self._consumers[entity] = consumer
+        self._entity_of_topic[consumer.topic] = entity
         # Connecting blocks until nsqd answers or the connect times out; not here.
         self._executor.spawn(consumer.start, False)
 
     def _on_message(self, consumer: Any, message: Any) -> None:
         # Returning finishes the message: the hub only queues refreshes, so this is prompt.
+        self._waiting_since.pop(consumer.entity, None)
+        self._repaired_at.pop(consumer.entity, None)
         self._received(message.body)
 
     def _send(self, batches: dict[str, list[bytes]]) -> None:
@@ -228,6 +257,7 @@ class NsqBus(BufferedBus):
         producer = self._ensure_producer()
         try:
             for topic, bodies in batches.items():
+                started = time.monotonic()
                 for start in range(0, len(bodies), MPUB_BATCH):
                     chunk = bodies[start:start + MPUB_BATCH]
                     if len(chunk) == 1:
@@ -238,6 +268,7 @@ class NsqBus(BufferedBus):
                         result.get(timeout=PUBLISH_TIMEOUT)
                     except gevent.Timeout:
                         raise TimeoutError(f"nsqd did not answer within {PUBLISH_TIMEOUT}s") from None
+                self._published(topic, started, producer)
         except Exception:
             if not self.nsqd:  # discovered through lookupd: discover again next time
                 _close_quietly(producer)
@@ -279,14 +310,25 @@ class NsqBus(BufferedBus):
     # -- supervision -----------------------------------------------------------
 
     def _supervise(self) -> None:
-        """Replace any consumer that has given up reconnecting.
+        """Replace or repair any consumer that has stopped receiving.
 
-        gnsq reconnects to the nsqd it was given with backoff, but one of its
-        greenlets can die in a race after an nsqd crash (gnsq pull request
-        32), after which the consumer never asks for messages again. A
-        consumer whose greenlets died, or that has had no connection to one of
-        its nsqd for three backoff periods, is closed and started afresh;
-        its first connection then resyncs like any reconnection.
+        Every ``supervise_interval`` seconds each topic's consumer is checked:
+
+        * A consumer whose greenlets died (gnsq's RDY greenlet can end in a
+          race after an nsqd crash, gnsq pull request 32), or that has had no
+          connection to one of its nsqd for three backoff periods, is closed
+          and started afresh; its first connection then resyncs like any
+          reconnection.
+        * A consumer that is connected but not ready, one of its subscribed
+          connections at RDY 0 (so nsqd sends it nothing) for ``ready_timeout``
+          seconds, or that has received nothing for ``stall_timeout`` seconds
+          although this server published to its topic while it was subscribed
+          (so messages wait on its channel), is repaired: every connection is
+          sent its RDY count again and the entity is resynced. If it still
+          receives nothing and needs repairing again, it is replaced.
+
+        Each replacement or repair is logged at WARNING and counted in the bus
+        stats (``consumers_replaced``, ``consumers_repaired``).
         """
         import gevent
 
@@ -298,13 +340,36 @@ class NsqBus(BufferedBus):
                 if self.closed:
                     return
                 reason = self._unhealthy(entity, consumer, now, stale_after)
-                if reason:
-                    self.counters["consumers_replaced"] += 1
-                    log.warning("replacing the NSQ consumer of %s: %s", consumer.topic, reason)
-                    _close_quietly(consumer)
-                    self._down_since.pop(entity, None)
-                    del self._consumers[entity]
-                    self._subscribe(entity)
+                if reason is None:
+                    reason = self._not_receiving(entity, consumer, now)
+                    if reason is None:
+                        continue
+                    if entity not in self._repaired_at:
+                        self._repair(entity, consumer, reason, now)
+                        continue
+                    reason += ", and still does after its RDY counts were sent again"
+                self._replace(entity, consumer, reason)
+
+    def _replace(self, entity: str, consumer: Any, reason: str) -> None:
+        self.counters["consumers_replaced"] += 1
+        log.warning("replacing the NSQ consumer of %s: %s", consumer.topic, reason)
+        _close_quietly(consumer)
+        self._down_since.pop(entity, None)
+        self._waiting_since.pop(entity, None)
+        self._repaired_at.pop(entity, None)
+        del self._consumers[entity]
+        self._subscribe(entity)
+
+    def _repair(self, entity: str, consumer: Any, reason: str, now: float) -> None:
+        assert self._executor is not None
+        self.counters["consumers_repaired"] += 1
+        log.warning("the NSQ consumer of %s %s; sending its RDY counts again and resyncing",
+                    consumer.topic, reason)
+        self._repaired_at[entity] = now
+        self._waiting_since.pop(entity, None)
+        # Sending may block on a full socket: never in the supervisor's loop.
+        self._executor.spawn(partial(consumer.send_ready_state, resend=True))
+        self._resync(entity)
 
     def _unhealthy(self, entity: str, consumer: Any, now: float, stale_after: float) -> str | None:
         if consumer._state == self._gnsq.states.INIT:
@@ -325,30 +390,74 @@ class NsqBus(BufferedBus):
             return f"no connection to {', '.join(sorted(set(self.nsqd) - connected))} for {now - since:.0f}s"
         return None
 
+    def _not_receiving(self, entity: str, consumer: Any, now: float) -> str | None:
+        """Why a running, connected consumer receives nothing, or None if it may."""
+        from ._gnsq_fixes import ready_since
 
-def _consumer_class(gnsq: Any) -> Any:
+        if not consumer.is_running or not consumer.saturated:
+            return None  # with more nsqd than max_in_flight, gnsq rotates RDY 1 among them
+        for conn in consumer.subscribed_connections():
+            since = ready_since(conn)
+            if (conn.ready_count == 0 and since is not None and not consumer.in_backoff(conn)
+                    and now - since > self.ready_timeout):
+                return f"is connected to {conn} but not ready (RDY 0 for {now - since:.0f}s)"
+        waiting = self._waiting_since.get(entity)
+        if waiting is None:
+            return None
+        settled = self._settled_since(consumer)
+        if settled is None or settled > waiting:
+            # It reconnected since (and resynced), or is reconnecting now (and will).
+            del self._waiting_since[entity]
+            return None
+        if now - waiting > self.stall_timeout:
+            return (f"has received nothing for {now - waiting:.0f}s while messages "
+                    f"this server published wait on its channel")
+        return None
+
+    def _settled_since(self, consumer: Any, nsqd: Iterable[str] = ()) -> float | None:
+        """When nsqd last acknowledged a SUB of ``consumer``, if all its connections
+        (to every nsqd in ``nsqd``, at least) are subscribed; else None."""
+        from ._gnsq_fixes import sub_acknowledged_at
+
+        connections = list(consumer._connections)
+        subscribed = consumer.subscribed_connections()
+        if not subscribed or len(subscribed) != len(connections):
+            return None
+        if not {str(conn) for conn in subscribed} >= set(nsqd):
+            return None
+        acknowledged = [sub_acknowledged_at(conn) for conn in subscribed]
+        if any(at is None for at in acknowledged):
+            return None
+        return max(at for at in acknowledged if at is not None)
+
+    def _published(self, topic: str, started: float, producer: Any) -> None:
+        """Note that nsqd took messages for ``topic`` sent at ``started``: if this server's
+        consumer of it was settled before then, they wait on its channel now."""
+        entity = self._entity_of_topic.get(topic)
+        consumer = self._consumers.get(entity) if entity is not None else None
+        if entity is None or consumer is None or entity in self._waiting_since:
+            return
+        settled = self._settled_since(consumer, producer.nsqd_tcp_addresses)
+        if settled is not None and settled < started:
+            self._waiting_since[entity] = started
+
+
+def _consumer_class() -> Any:
     global _Consumer
     if _Consumer is None:
+        from ._gnsq_fixes import Consumer as FixedConsumer
 
-        class Consumer(gnsq.Consumer):  # type: ignore[misc]
-            """A gnsq consumer that resyncs its bus on every connection."""
+        class Consumer(FixedConsumer):
+            """A consumer of one entity's topic that resyncs its bus on every connection."""
 
             def __init__(self, bus: NsqBus, entity: str, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
-                self._bus = bus
-                self._entity = entity
+                self.bus = bus
+                self.entity = entity
 
             def handle_connection_success(self, conn: Any) -> None:
                 super().handle_connection_success(conn)
-                self._bus._connected(self._entity, str(conn))
-
-            def _redistribute_ready_state(self) -> None:
-                # A RDY sent on a connection that is still being made raises
-                # AttributeError and would end the RDY greenlet (gnsq pull request 32).
-                try:
-                    super()._redistribute_ready_state()
-                except Exception as exc:
-                    log.debug("RDY redistribution for %s failed (%r); retrying", self.topic, exc)
+                self.bus._connected(self.entity, str(conn))
 
         _Consumer = Consumer
     return _Consumer
