@@ -49,7 +49,7 @@ def describe_backend() -> str:
     binary = nsqd_binary()
     if binary:
         return f"real nsqd at {binary}"
-    return "NSQ protocol double (tests/nsqd_double.py); set NSQD_BIN to test a real nsqd"
+    return "NSQ protocol double (tests/support/nsqd_double/); set NSQD_BIN to test a real nsqd"
 
 
 class NsqdHTTPError(Exception):
@@ -87,7 +87,7 @@ class Nsqd:
     def describe(self) -> str:
         if self.is_real:
             return f"real nsqd at {self.binary}"
-        return "NSQ protocol double (tests/nsqd_double.py); set NSQD_BIN to test a real nsqd"
+        return "NSQ protocol double (tests/support/nsqd_double/); set NSQD_BIN to test a real nsqd"
 
     # Process control.
 
@@ -97,7 +97,7 @@ class Nsqd:
         if self.is_real:
             assert self.binary is not None
             return [self.binary, *flags]
-        return [sys.executable, "-m", "tests.nsqd_double", *flags]
+        return [sys.executable, "-m", "tests.support.nsqd_double", *flags]
 
     @property
     def running(self) -> bool:
