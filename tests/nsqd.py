@@ -219,7 +219,7 @@ class Nsqd:
 
     def topic_stats(self, topic: str) -> dict[str, Any] | None:
         """The /stats entry for ``topic``, or None if nsqd has no such topic."""
-        return next((t for t in self.stats(topic)["topics"] if t["topic_name"] == topic), None)
+        return next((t for t in self.stats(topic)["topics"] or () if t["topic_name"] == topic), None)
 
     def channel_stats(self, topic: str, channel: str) -> dict[str, Any] | None:
         found = self.topic_stats(topic)

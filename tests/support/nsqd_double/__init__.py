@@ -30,9 +30,17 @@ Where it differs from nsqd, on purpose:
   message of durable topics and channels, which come back on the next start, as nsqd's
   flush to disk does. After SIGKILL only the metadata survives, as with nsqd when its
   messages were all still in memory. Without ``--data-path`` nothing is written.
-- Output buffering: frames are written as soon as they are ready, never held for
-  ``output_buffer_timeout``; ``sample_rate`` is honoured; no nsqlookupd, statsd or e2e
-  latency percentiles (flags for them are accepted and ignored).
+- ``sample_rate`` is honoured; no nsqlookupd, statsd or e2e latency percentiles (flags
+  for them are accepted and ignored).
+
+Where nsqd's behaviour is easy to miss, the double has it too: message frames wait in
+a per-client output buffer (``output_buffer_size``, flushed every
+``output_buffer_timeout``, when the client is not ready, or before any other frame), so
+a consumer that keeps nsqd's defaults sees its 250 ms; the queue scan that times out
+in-flight messages and releases deferred ones only looks at channels it listed at its
+last refresh, every 5 s; ``/stats`` for a topic that does not exist answers
+``"topics": null``; and an HTTP publish over the size limit is refused by its
+``Content-Length`` before the body is read, with ``Connection: close``.
 
 The package: :mod:`.codec` (wire frames and command bodies, no I/O), :mod:`.options`
 (nsqd's flags and log lines), :mod:`.model` (messages, channels, topics),

@@ -19,11 +19,15 @@ from gevent.server import StreamServer
 
 from .codec import FRAME_ERROR, MAGIC_V2, VERSION, frame, is_valid_name
 from .http_server import HTTPApp
-from .model import Message, Topic
+from .model import Channel, Message, Topic
 from .options import CLIENT_TIMEOUT, ERROR, INFO, WARN, Logger, Options, parse_args
 from .tcp_server import Client
 
 QUEUE_SCAN_INTERVAL = 0.1
+#: nsqd's queue scan only looks at the channels it listed at start or at its last refresh,
+#: every QueueScanRefreshInterval (5 s; no flag changes it): a new channel's in-flight and
+#: deferred messages wait for the next refresh before they can time out or come due.
+QUEUE_SCAN_REFRESH_INTERVAL = 5.0
 METADATA_FILE = "nsqd.dat"
 MESSAGES_FILE = "nsqd-double.messages.json"
 
@@ -135,12 +139,20 @@ class NSQD:
 
     # Running.
 
+    def _channels(self) -> list[Channel]:
+        return [channel for topic in self.topics.values() for channel in topic.channels.values()]
+
     def _scan_loop(self) -> None:
+        scanned = self._channels()
+        refresh_at = time.monotonic() + QUEUE_SCAN_REFRESH_INTERVAL
         while True:
             gevent.sleep(QUEUE_SCAN_INTERVAL)
             now = time.monotonic()
-            for topic in list(self.topics.values()):
-                for channel in list(topic.channels.values()):
+            if now >= refresh_at:
+                scanned = self._channels()
+                refresh_at = now + QUEUE_SCAN_REFRESH_INTERVAL
+            for channel in scanned:
+                if not channel.deleted and not channel.topic.deleted:
                     channel.scan(now)
 
     def _handle_tcp(self, sock: socket.socket, address: tuple[str, int]) -> None:
@@ -205,6 +217,12 @@ class NSQD:
     # Stats (nsqd 1.3.0's /stats?format=json shape).
 
     def stats(self, topic_name: str = "", channel_name: str = "", include_clients: bool = True) -> dict[str, Any]:
+        # Go's encoding/json writes a nil slice as null: nsqd answers "topics": null (and
+        # "producers": null) when the topic asked for does not exist, "clients": null and
+        # "producers": null without clients, and "producers": null when there are none.
+        if topic_name and topic_name not in self.topics:
+            return {"version": VERSION, "health": "OK", "start_time": self.start_time, "topics": None,
+                    "producers": None}
         topics = []
         for topic in sorted(self.topics.values(), key=lambda t: t.name):
             if topic_name and topic.name != topic_name:
@@ -213,7 +231,7 @@ class NSQD:
             for channel in sorted(topic.channels.values(), key=lambda c: c.name):
                 if channel_name and channel.name != channel_name:
                     continue
-                clients = [c.stats() for c in channel.clients.values()] if include_clients else []
+                clients = [c.stats() for c in channel.clients.values()] if include_clients else None
                 channels.append({
                     "channel_name": channel.name,
                     "depth": channel.depth(),
@@ -238,7 +256,7 @@ class NSQD:
                 "paused": topic.paused,
                 "e2e_processing_latency": {"count": 0, "percentiles": None},
             })
-        producers = [c.stats() for c in self.producers.values()] if include_clients else []
+        producers = [c.stats() for c in self.producers.values()] or None if include_clients else None
         return {"version": VERSION, "health": "OK", "start_time": self.start_time, "topics": topics,
                 "producers": producers}
 

@@ -17,10 +17,13 @@ if TYPE_CHECKING:
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """An error answer; ``close`` when nsqd answers before reading the body and so closes the connection."""
+
+    def __init__(self, status: int, message: str, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close
 
 
 _STATUS = {200: "200 OK", 400: "400 Bad Request", 404: "404 Not Found", 405: "405 Method Not Allowed",
@@ -48,6 +51,7 @@ class HTTPApp:
         method = environ.get("REQUEST_METHOD", "GET")
         headers = [("X-NSQ-Content-Type", "nsq; version=1.0")]
         route = self.routes.get(path)
+        close = False
         try:
             if route is None:
                 raise HTTPError(404, "NOT_FOUND")
@@ -58,7 +62,7 @@ class HTTPApp:
             data = route[1](params, environ, length)
             status = 200
         except HTTPError as err:
-            status, data = err.status, {"message": err.message}
+            status, data, close = err.status, {"message": err.message}, err.close
         self.nsqd.log(INFO, f"{status} {method} {path} ({environ.get('REMOTE_ADDR', '')})")
         if path == "/ping" and status == 200:
             body, ctype = data.encode(), "text/plain; charset=utf-8"
@@ -71,6 +75,9 @@ class HTTPApp:
         else:
             body, ctype = json.dumps(data, separators=(",", ":")).encode(), "application/json; charset=utf-8"
         headers += [("Content-Type", ctype), ("Content-Length", str(len(body)))]
+        if close:
+            # Go's server leaves an unread body unread and closes the connection.
+            headers.append(("Connection", "close"))
         start_response(_STATUS.get(status, f"{status} Error"), headers)
         return [body]
 
@@ -140,7 +147,7 @@ class HTTPApp:
     def pub(self, params: dict[str, list[str]], environ: dict[str, Any], length: int) -> str:
         max_size = self.nsqd.opts.max_msg_size
         if length > max_size:
-            raise HTTPError(413, "MSG_TOO_BIG")
+            raise HTTPError(413, "MSG_TOO_BIG", close=True)  # before reading a byte of the body
         data = environ["wsgi.input"].read(max_size + 1)
         if len(data) == max_size + 1:
             raise HTTPError(413, "MSG_TOO_BIG")
@@ -162,7 +169,7 @@ class HTTPApp:
     def mpub(self, params: dict[str, list[str]], environ: dict[str, Any], length: int) -> str:
         opts = self.nsqd.opts
         if length > opts.max_body_size:
-            raise HTTPError(413, "BODY_TOO_BIG")
+            raise HTTPError(413, "BODY_TOO_BIG", close=True)
         topic = self._topic_from_query(params)
         binary = False
         if "binary" in params:
@@ -247,6 +254,9 @@ class HTTPApp:
         if channel is None:
             raise HTTPError(404, "CHANNEL_NOT_FOUND")
         channel.paused = "unpause" not in environ["PATH_INFO"]
+        if channel.paused:
+            for client in channel.clients.values():
+                client.flush()  # a paused channel's clients are not ready: nsqd flushes their buffers
         channel.dispatch()
         self.nsqd.persist_metadata()
 
@@ -258,7 +268,7 @@ def _stats_text(stats: dict[str, Any]) -> str:
         lines.append("Topics: None")
     else:
         lines.append("Topics:")
-    for t in stats["topics"]:
+    for t in stats["topics"] or []:
         lines.append(f"   [{t['topic_name']:<15}] depth: {t['depth']:<5} be-depth: {t['backend_depth']:<5} "
                      f"msgs: {t['message_count']:<8}")
         for c in t["channels"]:

@@ -97,7 +97,7 @@ class Channel:
             self.in_flight[msg.id] = msg
             client.in_flight_count += 1
             client.message_count += 1
-            client.send(frame(FRAME_MESSAGE, encode_message(msg)))
+            client.send_message(frame(FRAME_MESSAGE, encode_message(msg)))
 
     def _pop_in_flight(self, client: Client, msg_id: bytes) -> Message:
         msg = self.in_flight.get(msg_id)

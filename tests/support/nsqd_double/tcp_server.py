@@ -72,6 +72,14 @@ class Client:
         self._out: gevent.queue.Queue[bytes | None] = gevent.queue.Queue()
         self._writer = gevent.spawn(self._write_loop)
         self._heartbeat: gevent.Greenlet | None = None
+        # Output buffering (see send_message): message frames not yet written, and
+        # nsqd's flush ticker: it ticks every output_buffer_timeout from ``_ticks_from``,
+        # and holds at most one tick until the message pump takes it.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._ticks_from = time.monotonic()
+        self._tick_taken = self._ticks_from
+        self._flusher: gevent.Greenlet | None = None
 
     def __str__(self) -> str:
         return self.remote_address
@@ -79,8 +87,73 @@ class Client:
     # I/O.
 
     def send(self, data: bytes) -> None:
+        """Write a response, error or heartbeat frame, after every message buffered before it
+        (nsqd flushes its buffer on every frame that is not a message)."""
         if not self.closed:
+            if self._pending:
+                data = self._take_pending() + data
             self._out.put(data)
+
+    def send_message(self, data: bytes) -> None:
+        """Write a message frame as nsqd's message pump does, through the client's output buffer.
+
+        The buffer holds up to ``output_buffer_size`` bytes; it is written when the
+        next frame would not fit, when the client is not ready for more messages
+        (in flight has reached its RDY count), before any other frame, and otherwise
+        at the next tick of a ticker of period ``output_buffer_timeout`` (a tick that
+        fell while nothing was buffered is taken at once, as Go's ticker keeps one).
+        ``output_buffer_size`` -1 (a size of 1) writes every message at once; an
+        ``output_buffer_timeout`` of -1 stops the ticker, so a message waits for one
+        of the other occasions, as in nsqd.
+        """
+        if self.closed:
+            return
+        if self.output_buffer_size <= 1:
+            self._out.put(data)
+            return
+        if self._pending and self._pending_size + len(data) > self.output_buffer_size:
+            self.flush()
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if not self.is_ready_for_messages():
+            self.flush()
+        elif self._flusher is None and self.output_buffer_timeout > 0:
+            now = time.monotonic()
+            period = self.output_buffer_timeout
+            last_tick = self._ticks_from + (now - self._ticks_from) // period * period
+            if last_tick > self._tick_taken:
+                self._tick_taken = last_tick
+                self.flush()
+            else:
+                self._flusher = gevent.spawn_later(last_tick + period - now, self._flush_on_tick, last_tick + period)
+
+    def flush(self) -> None:
+        """Write every buffered message frame now."""
+        if self._pending and not self.closed:
+            self._out.put(self._take_pending())
+
+    def _take_pending(self) -> bytes:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        if self._flusher is not None:
+            self._flusher.kill(block=False)
+            self._flusher = None
+        return data
+
+    def _flush_on_tick(self, tick: float) -> None:
+        self._flusher = None
+        self._tick_taken = tick
+        self.flush()
+
+    def _restart_ticker(self) -> None:
+        """nsqd's message pump restarts its flush ticker on the first IDENTIFY."""
+        self._ticks_from = self._tick_taken = time.monotonic()
+        if self._flusher is not None:
+            self._flusher.kill(block=False)
+            self._flusher = None
+        if self._pending:
+            self.flush()
 
     def close(self) -> None:
         """Close after what is already queued has been written (so a fatal error frame arrives)."""
@@ -231,8 +304,9 @@ class Client:
             raise fatal("E_BAD_BODY", f"IDENTIFY {exc}") from exc
         if first:
             # nsqd's message pump takes only the first IDENTIFY's settings for its heartbeat
-            # ticker; a second one (allowed before SUB) changes the read deadline only.
+            # and flush tickers; a second one (allowed before SUB) changes the read deadline only.
             self._start_heartbeats()
+            self._restart_ticker()
         if not data.get("feature_negotiation", False):
             return OK
         deflate_level = min(6, opts.max_deflate_level)
@@ -353,6 +427,8 @@ class Client:
         if count < 0 or count > max_rdy:
             raise fatal("E_INVALID", f"RDY count {count} out of range 0-{max_rdy}")
         self.ready_count = count
+        if not self.is_ready_for_messages():
+            self.flush()  # nsqd's message pump flushes whenever the client is not ready
         assert self.channel is not None
         self.channel.dispatch()
         return None
