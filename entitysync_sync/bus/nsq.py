@@ -246,10 +246,21 @@ class NsqBus(BufferedBus):
         self._executor.spawn(consumer.start, False)
 
     def _on_message(self, consumer: Any, message: Any) -> None:
-        # Returning finishes the message: the hub only queues refreshes, so this is prompt.
+        # gnsq's per-message path, for a connection that cannot be read in batches.
+        self._on_messages(consumer, [message.body])
+
+    def _on_messages(self, consumer: Any, bodies: list[bytes]) -> None:
+        # Returning finishes the messages: the hub only queues refreshes, so this is prompt.
         self._waiting_since.pop(consumer.entity, None)
         self._repaired_at.pop(consumer.entity, None)
-        self._received(message.body)
+        try:
+            self._received_many(bodies)
+        except Exception:
+            # Finished anyway (a message left unfinished comes back only after nsqd's
+            # msg_timeout); a resync refreshes whatever these keys would have.
+            log.exception("handling %d NSQ message(s) of %s failed; resyncing it", len(bodies), consumer.topic)
+            self._resync(consumer.entity)
+
 
     def _send(self, batches: dict[str, list[bytes]]) -> None:
         import gevent
@@ -458,6 +469,20 @@ def _consumer_class() -> Any:
             def handle_connection_success(self, conn: Any) -> None:
                 super().handle_connection_success(conn)
                 self.bus._connected(self.entity, str(conn))
+
+            def _listen(self, conn: Any) -> None:
+                # gnsq.Consumer._listen, reading in batches (see _gnsq_batches).
+                from ._gnsq_batches import can_batch, listen_in_batches
+
+                if not can_batch(conn):
+                    super()._listen(conn)
+                    return
+                try:
+                    listen_in_batches(conn, partial(self.bus._on_messages, self),
+                                      partial(self._finish_message, conn, backoff=False))
+                except self.bus._gnsq.errors.NSQException as error:
+                    self.logger.warning("[%s] connection lost (%r)", conn, error)
+                self.handle_connection_failure(conn)
 
         _Consumer = Consumer
     return _Consumer
