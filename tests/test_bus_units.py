@@ -12,13 +12,14 @@ import json
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qs
 
 import pytest
 
 from entitysync_sync import EntityKey
 from entitysync_sync.bus import BufferedBus, bus_from_url
-from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
+from entitysync_sync.bus.nsq import OUTPUT_BUFFER_SIZE, OUTPUT_BUFFER_TIMEOUT, NsqBus, parse_nsq_url
 from entitysync_sync.bus.redis import RedisBus, redact
 from entitysync_sync.exceptions import ConfigError
 from tests.brokers import make_broker
@@ -66,11 +67,14 @@ def started(buses: list[BufferedBus], url: str, prefix: str, entities: list[str]
 def test_nsq_urls_parse_into_addresses_and_options() -> None:
     assert parse_nsq_url("nsq://h1:4150,h2:4151") == {
         "nsqd": ["h1:4150", "h2:4151"], "lookupd": [], "max_in_flight": 2500,
-        "max_backoff": 5.0, "lookupd_poll_interval": 15.0, "ready_timeout": 10.0, "stall_timeout": 10.0,
-        "channel": None}
+        "max_backoff": 5.0, "lookupd_poll_interval": 15.0, "ready_timeout": 10.0,
+        "stall_timeout": 10.0,
+        "channel": None, "output_buffer_timeout": OUTPUT_BUFFER_TIMEOUT, "output_buffer_size": OUTPUT_BUFFER_SIZE}
     parsed = parse_nsq_url("nsq://?lookupd=http://a:4161&lookupd=http://b:4161&max_in_flight=10&channel=web1")
     assert parsed["nsqd"] == [] and parsed["lookupd"] == ["http://a:4161", "http://b:4161"]
     assert parsed["max_in_flight"] == 10 and parsed["channel"] == "web1"
+    parsed = parse_nsq_url("nsq://h1:4150?output_buffer_timeout=25&output_buffer_size=-1")
+    assert (parsed["output_buffer_timeout"], parsed["output_buffer_size"]) == (25, -1)
 
 
 @pytest.mark.parametrize("url, fragment", [
@@ -81,6 +85,9 @@ def test_nsq_urls_parse_into_addresses_and_options() -> None:
     ("nsq://h1:4150?bogus=1", "unknown nsq:// option"),
     ("nsq://?lookupd=h:4161", "must be an http:// URL"),
     ("nsq://h1:4150?channel=has%20space", "channel"),
+    ("nsq://h1:4150?output_buffer_timeout=0", "output_buffer_timeout"),
+    ("nsq://h1:4150?output_buffer_timeout=-2", "output_buffer_timeout"),
+    ("nsq://h1:4150?output_buffer_size=16k", "output_buffer_size"),
     ("kafka://h:9092", "unsupported bus"),
 ])
 def test_bad_bus_urls_raise_config_errors(url: str, fragment: str) -> None:
@@ -169,16 +176,26 @@ def test_a_consumer_whose_rdy_greenlet_died_is_replaced_and_resyncs(buses: list[
 
 
 class _Lookupd(BaseHTTPRequestHandler):
-    """A stand-in for nsqlookupd's HTTP API that knows one nsqd."""
+    """A stand-in for nsqlookupd's HTTP API that knows one nsqd.
+
+    With ``topics`` set, ``/lookup`` answers as nsqlookupd does for a topic no nsqd
+    has registered yet, 404 ``TOPIC_NOT_FOUND``, until ``topics`` says it exists."""
 
     nsqd: tuple[int, int] = (0, 0)
+    topics: Callable[[], set[str]] | None = None
+    misses: list[str] = []
 
     def do_GET(self) -> None:
         tcp, http = self.nsqd
         producer = {"broadcast_address": "127.0.0.1", "hostname": "test", "remote_address": "127.0.0.1:1",
                     "tcp_port": tcp, "http_port": http, "version": "1.3.0"}
-        path = self.path.split("?")[0]
-        if path in ("/lookup", "/nodes"):
+        path, _, query = self.path.partition("?")
+        topic = parse_qs(query).get("topic", [""])[0]
+        if path == "/lookup" and self.topics is not None and topic not in self.topics():
+            self.misses.append(topic)
+            body = b'{"message":"TOPIC_NOT_FOUND"}'
+            self.send_response(404)
+        elif path in ("/lookup", "/nodes"):
             body = json.dumps({"channels": [], "producers": [producer]}).encode()
             self.send_response(200)
         else:

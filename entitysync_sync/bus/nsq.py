@@ -18,10 +18,13 @@ URL forms::
 
 Options in the query: ``max_in_flight`` (per topic, default 2500, nsqd's
 default ``--max-rdy-count``), ``max_backoff`` (seconds between reconnects,
-default 5), ``lookupd_poll_interval`` (seconds, default 15), ``channel``
-(the channel name before ``#ephemeral``; default a unique id of this process),
-``ready_timeout`` and ``stall_timeout`` (seconds, default 10 each; see
-:meth:`NsqBus._supervise`).
+default 5), ``lookupd_poll_interval`` (seconds, default 15), ``channel`` (the
+channel name before ``#ephemeral``; default a unique id of this process), ``ready_timeout``
+and ``stall_timeout`` (seconds, default 10 each; see :meth:`NsqBus._supervise`),
+``output_buffer_size`` (bytes nsqd may buffer for this server's consumers;
+default -1, none) and ``output_buffer_timeout`` (milliseconds nsqd may hold
+them when buffering; default 25). Both go to nsqd in IDENTIFY; a value nsqd
+refuses fails each connection, with nsqd's reason in the log.
 
 gnsq is gevent-only: in a process that is not monkey-patched (the threaded
 dev server) the bus runs on a thread of its own with its own gevent hub.
@@ -58,6 +61,15 @@ HEARTBEAT = 5
 READY_TIMEOUT = 10.0
 #: Default seconds a consumer may receive nothing while its own published messages wait for it.
 STALL_TIMEOUT = 10.0
+#: Default bytes nsqd buffers for this server's consumers before writing them (nsqd's
+#: ``output_buffer_size``): -1, no buffer, so nsqd writes every message as it sends it
+#: and keeps no flush timer for the connection. nsqd's own default (16 KiB, flushed
+#: every 250 ms) holds a lone notification for up to 250 ms.
+OUTPUT_BUFFER_SIZE = -1
+#: Default milliseconds nsqd may hold buffered messages (nsqd's ``output_buffer_timeout``),
+#: when ``output_buffer_size`` turns buffering on: 25, the least nsqd accepts unless started
+#: with a lower ``--min-output-buffer-timeout``.
+OUTPUT_BUFFER_TIMEOUT = 25
 
 
 def _import_gnsq() -> Any:
@@ -91,6 +103,20 @@ def _number(query: dict[str, list[str]], name: str, default: float, cast: type =
     return value
 
 
+def _buffer_setting(query: dict[str, list[str]], name: str, default: int) -> int:
+    values = query.get(name)
+    if not values:
+        return default
+    try:
+        value = int(values[-1])
+    except ValueError:
+        value = 0
+    if value != -1 and value <= 0:
+        raise ConfigError(f"ENTITYSYNC_BUS_URL option {name}={values[-1]!r} must be a positive "
+                          "whole number, or -1 to turn it off")
+    return value
+
+
 def parse_nsq_url(url: str) -> dict[str, Any]:
     """Split an ``nsq://`` URL into :class:`NsqBus` arguments (see the module docs)."""
     parts = urlsplit(url)
@@ -102,7 +128,7 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
         nsqd.append(f"{host}:{int(port)}")
     query = parse_qs(parts.query)
     known = {"lookupd", "max_in_flight", "max_backoff", "lookupd_poll_interval", "channel",
-             "ready_timeout", "stall_timeout"}
+             "ready_timeout", "stall_timeout", "output_buffer_timeout", "output_buffer_size"}
     unknown = sorted(set(query) - known)
     if unknown:
         raise ConfigError(f"ENTITYSYNC_BUS_URL: unknown nsq:// option(s) {', '.join(unknown)}; "
@@ -123,6 +149,8 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
         "ready_timeout": _number(query, "ready_timeout", READY_TIMEOUT),
         "stall_timeout": _number(query, "stall_timeout", STALL_TIMEOUT),
         "channel": query.get("channel", [None])[-1],
+        "output_buffer_timeout": _buffer_setting(query, "output_buffer_timeout", OUTPUT_BUFFER_TIMEOUT),
+        "output_buffer_size": _buffer_setting(query, "output_buffer_size", OUTPUT_BUFFER_SIZE),
     }
 
 
@@ -136,6 +164,9 @@ class NsqBus(BufferedBus):
     :param max_in_flight: messages each topic's consumer may hold unacknowledged.
     :param max_backoff: longest pause between two reconnection attempts, in seconds.
     :param channel: this server's channel name, without ``#ephemeral``.
+    :param output_buffer_size: bytes nsqd may buffer before writing to this server's
+        consumers; -1 (the default) for none, so every message is written at once.
+    :param output_buffer_timeout: milliseconds nsqd may hold buffered messages.
     :param ready_timeout: seconds a subscribed connection may stay at RDY 0
         (nsqd then sends it nothing) before the supervisor repairs it.
     :param stall_timeout: seconds a consumer may receive nothing after this
@@ -149,7 +180,9 @@ class NsqBus(BufferedBus):
                  topic_prefix: str = "", buffer_size: int = 10_000, max_in_flight: int = 2500,
                  max_backoff: float = 5.0, lookupd_poll_interval: float = 15.0,
                  channel: str | None = None, supervise_interval: float = 1.0,
-                 ready_timeout: float = READY_TIMEOUT, stall_timeout: float = STALL_TIMEOUT) -> None:
+                 ready_timeout: float = READY_TIMEOUT, stall_timeout: float = STALL_TIMEOUT,
+                 output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT,
+                 output_buffer_size: int = OUTPUT_BUFFER_SIZE) -> None:
         super().__init__(topic_prefix=topic_prefix, buffer_size=buffer_size, retry_max=max_backoff)
         self._gnsq = _import_gnsq()
         self.nsqd = list(nsqd)
@@ -165,6 +198,12 @@ class NsqBus(BufferedBus):
                 raise ConfigError(f"NSQ bus {name} must be a positive number of seconds, got {value!r}")
         self.ready_timeout = float(ready_timeout)
         self.stall_timeout = float(stall_timeout)
+        for name, value in (("output_buffer_timeout", output_buffer_timeout),
+                            ("output_buffer_size", output_buffer_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or (value <= 0 and value != -1):
+                raise ConfigError(f"NSQ bus {name} must be a positive whole number or -1, got {value!r}")
+        self.output_buffer_timeout = output_buffer_timeout
+        self.output_buffer_size = output_buffer_size
         name = channel if channel is not None else default_channel()
         if (_CHANNEL_PATTERN.fullmatch(name) is None
                 or len(name) + len(_EPHEMERAL) > MAX_TOPIC_LENGTH):
@@ -231,6 +270,8 @@ class NsqBus(BufferedBus):
             nsqd_tcp_addresses=self.nsqd,
             lookupd_http_addresses=self.lookupd,
             message_handler=self._on_message,
+            output_buffer_timeout=self.output_buffer_timeout,
+            output_buffer_size=self.output_buffer_size,
             max_in_flight=self.max_in_flight,
             max_backoff_duration=self.max_backoff,
             lookupd_poll_interval=self.lookupd_poll_interval,
@@ -260,7 +301,6 @@ class NsqBus(BufferedBus):
             # msg_timeout); a resync refreshes whatever these keys would have.
             log.exception("handling %d NSQ message(s) of %s failed; resyncing it", len(bodies), consumer.topic)
             self._resync(consumer.entity)
-
 
     def _send(self, batches: dict[str, list[bytes]]) -> None:
         import gevent
