@@ -67,7 +67,7 @@ def started(buses: list[BufferedBus], url: str, prefix: str, entities: list[str]
 def test_nsq_urls_parse_into_addresses_and_options() -> None:
     assert parse_nsq_url("nsq://h1:4150,h2:4151") == {
         "nsqd": ["h1:4150", "h2:4151"], "lookupd": [], "max_in_flight": 2500,
-        "max_backoff": 5.0, "lookupd_poll_interval": 15.0, "ready_timeout": 10.0,
+        "max_backoff": 5.0, "lookupd_poll_interval": 15.0, "lookupd_retry_interval": 1.0, "ready_timeout": 10.0,
         "stall_timeout": 10.0,
         "channel": None, "output_buffer_timeout": OUTPUT_BUFFER_TIMEOUT, "output_buffer_size": OUTPUT_BUFFER_SIZE}
     parsed = parse_nsq_url("nsq://?lookupd=http://a:4161&lookupd=http://b:4161&max_in_flight=10&channel=web1")
@@ -221,6 +221,38 @@ def test_nsq_through_lookupd_discovers_where_to_receive_and_publish(buses: list[
         bus, sink = started(buses, url, uid, ["items"])
         bus.publish([EntityKey("items", 1)])
         wait_for(lambda: sink.keys == [EntityKey("items", 1)], message="a key through the discovered nsqd")
+    finally:
+        lookupd.shutdown()
+        broker.close()
+
+
+def test_nsq_through_lookupd_finds_a_topic_soon_after_its_first_publish(buses: list[BufferedBus], uid: str) -> None:
+    """On a fresh cluster lookupd knows no topic until something is published to it; the
+    consumer asks again every lookupd_retry_interval, not every lookupd_poll_interval."""
+    broker = make_broker("nsq")
+
+    def topics() -> set[str]:
+        return {t["topic_name"] for t in broker.nsqd.stats()["topics"] or ()}
+
+    misses: list[str] = []
+    handler = type("Lookupd", (_Lookupd,), {"nsqd": (broker.nsqd.tcp_port, broker.nsqd.http_port),
+                                            "topics": staticmethod(topics), "misses": misses})
+    lookupd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=lookupd.serve_forever, daemon=True).start()
+    try:
+        url = f"nsq://?lookupd=http://127.0.0.1:{lookupd.server_port}&lookupd_poll_interval=300"
+        bus = bus_from_url(url, topic_prefix=uid)
+        assert isinstance(bus, BufferedBus)
+        buses.append(bus)
+        sink = Sink()
+        bus.start(sink, ["items"])
+        wait_for(lambda: misses, message="the consumer's first lookup, a 404")
+        assert not sink.resyncs  # connected to nothing yet
+        bus.publish([EntityKey("items", 1)])  # creates the topic on the nsqd
+        # Within a few retries, far inside the 300 s poll interval: the consumer connects
+        # and gets the key (held by the topic until a channel exists, and resynced anyway).
+        wait_for(lambda: EntityKey("items", 1) in sink.keys, timeout=20,
+                 message="the key, once lookupd knows the topic")
     finally:
         lookupd.shutdown()
         broker.close()

@@ -18,8 +18,10 @@ URL forms::
 
 Options in the query: ``max_in_flight`` (per topic, default 2500, nsqd's
 default ``--max-rdy-count``), ``max_backoff`` (seconds between reconnects,
-default 5), ``lookupd_poll_interval`` (seconds, default 15), ``channel`` (the
-channel name before ``#ephemeral``; default a unique id of this process), ``ready_timeout``
+default 5), ``lookupd_poll_interval`` (seconds, default 15),
+``lookupd_retry_interval`` (seconds between lookupd queries while a topic's
+consumer has found no nsqd yet, default 1), ``channel`` (the channel name
+before ``#ephemeral``; default a unique id of this process), ``ready_timeout``
 and ``stall_timeout`` (seconds, default 10 each; see :meth:`NsqBus._supervise`),
 ``output_buffer_size`` (bytes nsqd may buffer for this server's consumers;
 default -1, none) and ``output_buffer_timeout`` (milliseconds nsqd may hold
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import socket
 import time
@@ -61,6 +64,8 @@ HEARTBEAT = 5
 READY_TIMEOUT = 10.0
 #: Default seconds a consumer may receive nothing while its own published messages wait for it.
 STALL_TIMEOUT = 10.0
+#: Default seconds between lookupd queries while a topic's consumer has found no nsqd yet.
+LOOKUPD_RETRY_INTERVAL = 1.0
 #: Default bytes nsqd buffers for this server's consumers before writing them (nsqd's
 #: ``output_buffer_size``): -1, no buffer, so nsqd writes every message as it sends it
 #: and keeps no flush timer for the connection. nsqd's own default (16 KiB, flushed
@@ -127,7 +132,7 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
             raise ConfigError(f"ENTITYSYNC_BUS_URL: nsqd address {address!r} must be host:port")
         nsqd.append(f"{host}:{int(port)}")
     query = parse_qs(parts.query)
-    known = {"lookupd", "max_in_flight", "max_backoff", "lookupd_poll_interval", "channel",
+    known = {"lookupd", "max_in_flight", "max_backoff", "lookupd_poll_interval", "lookupd_retry_interval", "channel",
              "ready_timeout", "stall_timeout", "output_buffer_timeout", "output_buffer_size"}
     unknown = sorted(set(query) - known)
     if unknown:
@@ -146,6 +151,7 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
         "max_in_flight": _number(query, "max_in_flight", 2500, int),
         "max_backoff": _number(query, "max_backoff", 5.0),
         "lookupd_poll_interval": _number(query, "lookupd_poll_interval", 15.0),
+        "lookupd_retry_interval": _number(query, "lookupd_retry_interval", LOOKUPD_RETRY_INTERVAL),
         "ready_timeout": _number(query, "ready_timeout", READY_TIMEOUT),
         "stall_timeout": _number(query, "stall_timeout", STALL_TIMEOUT),
         "channel": query.get("channel", [None])[-1],
@@ -164,6 +170,8 @@ class NsqBus(BufferedBus):
     :param max_in_flight: messages each topic's consumer may hold unacknowledged.
     :param max_backoff: longest pause between two reconnection attempts, in seconds.
     :param channel: this server's channel name, without ``#ephemeral``.
+    :param lookupd_retry_interval: seconds between lookupd queries while a topic's
+        consumer has found no nsqd (lookupd answers 404 until the topic is published to).
     :param output_buffer_size: bytes nsqd may buffer before writing to this server's
         consumers; -1 (the default) for none, so every message is written at once.
     :param output_buffer_timeout: milliseconds nsqd may hold buffered messages.
@@ -179,6 +187,7 @@ class NsqBus(BufferedBus):
     def __init__(self, nsqd: Iterable[str] = (), lookupd: Iterable[str] = (), *,
                  topic_prefix: str = "", buffer_size: int = 10_000, max_in_flight: int = 2500,
                  max_backoff: float = 5.0, lookupd_poll_interval: float = 15.0,
+                 lookupd_retry_interval: float = LOOKUPD_RETRY_INTERVAL,
                  channel: str | None = None, supervise_interval: float = 1.0,
                  ready_timeout: float = READY_TIMEOUT, stall_timeout: float = STALL_TIMEOUT,
                  output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT,
@@ -192,6 +201,7 @@ class NsqBus(BufferedBus):
         self.max_in_flight = max_in_flight
         self.max_backoff = max_backoff
         self.lookupd_poll_interval = lookupd_poll_interval
+        self.lookupd_retry_interval = lookupd_retry_interval
         self.supervise_interval = supervise_interval
         for name, value in (("ready_timeout", ready_timeout), ("stall_timeout", stall_timeout)):
             if not isinstance(value, (int, float)) or value <= 0:
@@ -509,6 +519,36 @@ def _consumer_class() -> Any:
             def handle_connection_success(self, conn: Any) -> None:
                 super().handle_connection_success(conn)
                 self.bus._connected(self.entity, str(conn))
+
+            def _poll_lookupd(self) -> None:
+                # gnsq's poll, every lookupd_poll_interval; but while lookupd knows no nsqd
+                # carrying the topic (nobody has published to it yet, so lookupd answers 404)
+                # every lookupd_retry_interval, so that the first notification is not missed
+                # for a whole interval. Finding one connects, and connecting resyncs.
+                import gevent
+
+                try:
+                    while True:
+                        if self._connections:
+                            jitter = 1 + random.random() * self.lookupd_poll_jitter
+                            gevent.sleep(self.lookupd_poll_interval * jitter)
+                        else:
+                            gevent.sleep(self.bus.lookupd_retry_interval)
+                        self.query_lookupd()
+                except gevent.GreenletExit:
+                    pass
+
+            def query_lookupd(self) -> None:
+                lookupd = next(self.iterlookupds)
+                try:
+                    producers = lookupd.lookup(self.topic)["producers"]
+                except Exception as error:
+                    # A topic nobody has published to yet is a 404: expected, and retried soon.
+                    level = logging.DEBUG if "<404>" in str(error) else logging.WARNING
+                    self.logger.log(level, "lookup of %s on %s failed (%s)", self.topic, lookupd.address, error)
+                    return
+                for producer in producers:
+                    self.connect_to_nsqd(producer["broadcast_address"], producer["tcp_port"])
 
             def _listen(self, conn: Any) -> None:
                 # gnsq.Consumer._listen, reading in batches (see _gnsq_batches).
