@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
@@ -288,3 +289,81 @@ def test_a_half_open_broker_connection_is_noticed_and_replaced(broker: Any, buse
         wait_for(lambda: EntityKey("items", "after") in sink.keys, message="delivery on the new connection")
     finally:
         proxy.close()
+
+
+# -- reading NSQ connections in batches -----------------------------------------
+
+
+class _FakeConn:
+    """What listen_in_batches uses of gnsq's connection: a stream to read, and handlers."""
+
+    tls_v1 = snappy = deflate = False
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.sent: list[bytes] = []
+        self.responses: list[bytes] = []
+        self.is_connected = True
+        self.in_flight = 0
+        self.last_message = self.last_response = 0.0
+        conn = self
+
+        class Sock:
+            def recv(self, size: int) -> bytes:
+                return conn.chunks.pop(0) if conn.chunks else b""
+
+        class Stream:
+            socket = Sock()
+
+            def consume_buffer(self) -> bytes:
+                return b""
+
+        self.stream = Stream()
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def close_stream(self) -> None:
+        self.is_connected = False
+
+    def handle_response(self, data: bytes) -> None:
+        self.responses.append(data)
+
+    def handle_error(self, data: bytes) -> None:
+        self.responses.append(b"error: " + data)
+
+
+def _frame(kind: int, data: bytes) -> bytes:
+    return struct.pack(">ii", len(data) + 4, kind) + data
+
+
+def _message(msg_id: bytes, body: bytes) -> bytes:
+    return _frame(2, struct.pack(">qH", 0, 1) + msg_id + body)
+
+
+_IDS = [f"{i:016x}".encode() for i in range(5)]
+_STREAM = (_message(_IDS[0], b"a") + _message(_IDS[1], b"b") + _frame(0, b"_heartbeat_")
+           + _message(_IDS[2], b"c") + _message(_IDS[3], b"d") + _message(_IDS[4], b"e"))
+
+
+@pytest.mark.parametrize("cut", [1, 7, 30, 41, 80, len(_STREAM) - 3])
+def test_a_connection_is_read_in_batches_whatever_the_read_boundaries(cut: int) -> None:
+    import gnsq.errors
+
+    from entitysync_sync.bus._gnsq_batches import can_batch, listen_in_batches
+
+    conn = _FakeConn([_STREAM[:cut], _STREAM[cut:]])  # frames split across two reads
+    assert can_batch(conn)
+    events: list[tuple[str, Any]] = []
+    conn.handle_response = lambda data: events.append(("response", data))  # type: ignore[method-assign]
+    with pytest.raises(gnsq.errors.NSQSocketError):  # then the stream ends: the connection is lost
+        listen_in_batches(conn, lambda bodies: events.append(("batch", bodies)),
+                          lambda: events.append(("finished", None)))
+    # Every body once, in order, and the heartbeat between the messages it came between.
+    flat = [x for kind, value in events if kind != "finished" for x in (value if kind == "batch" else [value])]
+    assert flat == [b"a", b"b", b"_heartbeat_", b"c", b"d", b"e"]
+    batches = [value for kind, value in events if kind == "batch"]
+    # One write of FINs per batch, each id finished once, in order; then gnsq's bookkeeping.
+    assert len(conn.sent) == len(batches) == sum(kind == "finished" for kind, _ in events)
+    assert b"".join(conn.sent) == b"".join(b"FIN " + msg_id + b"\n" for msg_id in _IDS)
+    assert conn.in_flight == 0 and not conn.is_connected
