@@ -115,7 +115,7 @@ def nsq_ingest(nsqd: Any, count: int) -> Any:
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The three two-server rows: entitysync on Redis, Flask-SocketIO on Redis, entitysync on NSQ."""
     sys.path.insert(0, str(ROOT))
-    from tests.nsqd import Nsqd
+    from tests.support.nsqd import Nsqd
 
     def measure_row(name: str, system: System, env: dict[str, str], ingest: Any = None,
                     broker_pid: int | None = None) -> Any:

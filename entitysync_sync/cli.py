@@ -42,11 +42,16 @@ def _runtime() -> Runtime:
 
 @cli.command("notify")
 @click.argument("entity")
-@click.argument("ids", nargs=-1, required=True)
+@click.argument("ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True,
+              help="Refresh every subscribed key of ENTITY on every server, instead of IDS.")
 @click.option("--timeout", default=10.0, show_default=True, type=float,
               help="Seconds to wait for the broker to accept the notifications.")
-def notify_command(entity: str, ids: tuple[str, ...], timeout: float) -> None:
-    """Tell every server that ENTITY rows IDS... changed, e.g. `notify items 100 101`."""
+def notify_command(entity: str, ids: tuple[str, ...], everything: bool, timeout: float) -> None:
+    """Tell every server that ENTITY rows IDS... changed, e.g. `notify items 100 101`,
+    or with --all that any row of ENTITY may have changed (`notify items --all`)."""
+    if everything == bool(ids):
+        raise click.UsageError("give either IDS or --all")
     runtime = _runtime()
     settings = runtime.settings
     if bus_class(settings.bus_url).in_process:
@@ -63,12 +68,18 @@ def notify_command(entity: str, ids: tuple[str, ...], timeout: float) -> None:
         publisher = Publisher(settings.bus_url, topic_prefix=settings.topic_prefix,
                               buffer_size=max(settings.publish_buffer, len(keys)))
         try:
-            publisher.notify_many(keys)
+            if everything:
+                publisher.notify_entity(entity)
+            else:
+                publisher.notify_many(keys)
         finally:
             publisher.close(timeout)
     except EntitySyncError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"published {len(keys)} notification(s) of {entity} to {publisher.describe()}")
+    if everything:
+        click.echo(f"asked every server to refresh every subscribed key of {entity} via {publisher.describe()}")
+    else:
+        click.echo(f"published {len(keys)} notification(s) of {entity} to {publisher.describe()}")
 
 
 @cli.command("stats")

@@ -123,6 +123,11 @@ class Runtime:
         self.bus.publish(keys)
         self.metrics.count("notifications_published", len(keys))
 
+    def publish_entities(self, entities: Sequence[str]) -> None:
+        """Ask every server to refresh every subscribed key of ``entities``; returns at once."""
+        self.ensure_started()
+        self.bus.publish_entities(entities)
+
     def stats(self) -> dict[str, Any]:
         """The figures of :meth:`EntitySync.stats() <entitysync_sync.EntitySync.stats>`."""
         return collect(self.hub, self.bus, self.metrics)

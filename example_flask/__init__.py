@@ -6,6 +6,10 @@ in two tabs: editing an item in one updates the other at once. It shows
 * a page listing items and a form to edit one, kept live with the browser
   client that the extension serves at ``/ws/entity-sync/client.js``;
 * a multi-row push: each item is pushed together with its owner's row;
+* live lists (:mod:`example_flask.lists`, SQLAlchemy): add, delete and move
+  tasks between two lists, or mark a whole list done with one bulk
+  ``UPDATE``; ``es.watch`` notifies after each commit, and each list is
+  pushed as one frame holding all its tasks;
 * authorization: ``identify`` gives each websocket the signed-in user from
   the session, ``authorize`` and the fetch let each user see only the items
   they may see (their own, the public ones; ``admin`` sees all);
@@ -29,7 +33,10 @@ from flask import Flask, abort, current_app, redirect, render_template, request,
 
 from entitysync_sync import EntityKey, EntitySync
 
+from . import lists
+
 es = EntitySync()
+lists.register(es)
 
 USERS = [("alice", "Alice Archer"), ("bob", "Bob Baker"), ("admin", "Ada Admin")]
 ITEMS = [
@@ -52,6 +59,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     os.makedirs(app.instance_path, exist_ok=True)
     init_db(app.config["DATABASE"])
     es.init_app(app)
+    lists.init_app(app)
 
     @app.get("/")
     def index() -> str:
@@ -61,7 +69,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             users = {row["id"]: row["name"] for row in conn.execute("SELECT id, name FROM users")}
         visible = [item for item in items if may_see(user, item)]
         return render_template("index.html", items=visible, users=users, user=user,
-                               mutating=app.config["EXAMPLE_MUTATE"])
+                               mutating=app.config["EXAMPLE_MUTATE"], lists=lists.lists())
 
     @app.post("/login")
     def login() -> Any:
@@ -107,6 +115,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         """Put the demo rows back, as they were at the start."""
         init_db(app.config["DATABASE"], reset=True)
         es.notify_many(("items", item[0]) for item in ITEMS)
+        lists.reset()  # its commit notifies the lists
         return {"ok": True} if request.is_json else redirect(url_for("index"))
 
     @app.cli.command("mutate")
@@ -160,6 +169,8 @@ def identify() -> str | None:
 @es.authorize
 def authorize(key: EntityKey, user: str | None) -> bool:
     """Checked on every subscribe. A missing item is allowed: its subscriber gets "gone"."""
+    if key.entity == "lists":
+        return True  # every user sees the lists
     with db() as conn:
         item = conn.execute("SELECT * FROM items WHERE id = ?", (key.id,)).fetchone()
     return item is None or may_see(user, dict(item))

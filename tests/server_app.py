@@ -181,6 +181,37 @@ def create_app() -> Flask:
             return {"id": key.id, "value": "ok"}
         raise RuntimeError("the database is on fire")
 
+    def as_set(key: EntityKey) -> Any:
+        """A list key: its stored value is the list of its members (None: the list does not exist)."""
+        members = value(key) if key.id in rows else None
+        if members is None:
+            return None
+        if not isinstance(members, list):  # e.g. the counter of /_t/burst
+            members = [members]
+        return [{"list": key.id, "member": member} for member in members]
+
+    @es.entity("lists")
+    def lists(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        return as_set(key)
+
+    @es.entity("sharedlists", shared=True)
+    def sharedlists(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        return as_set(key)
+
+    @es.entity("slowlists")
+    def slowlists(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        time.sleep(SLOW_FETCH_SECONDS)
+        return as_set(key)
+
+    @es.entity("biglist")
+    def biglist(key: EntityKey, secret: Any) -> Any:
+        """Ten rows that together hold the number of characters the id starts with."""
+        size = int(key.id.split("-")[0]) // 10
+        return iter([{"n": n, "value": value(key), "blob": "x" * size} for n in range(10)])
+
     @es.entity("board", shared=True)
     def board(key: EntityKey, secret: Any) -> Any:
         return {"id": key.id, "value": value(key), "secret": secret}
@@ -259,6 +290,13 @@ def create_app() -> Flask:
             rows[id] = i
             es.notify(entity, id)
         return {"last": n - 1}
+
+    @app.post("/_t/notify-entity/<entity>")
+    def notify_entity(entity: str) -> Any:
+        """es.notify_entity, ``n`` times in a row (a burst)."""
+        for _ in range(int(request.args.get("n", "1"))):
+            es.notify_entity(entity)
+        return {"ok": True}
 
     @app.get("/_t/fetches/<entity>/<id>")
     def fetch_count(entity: str, id: str) -> Any:

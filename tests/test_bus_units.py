@@ -3,7 +3,7 @@
 The buses run here exactly as under the threaded dev server (this process is
 not monkey-patched): Redis in threads, NSQ on a thread with its own gevent
 hub. Brokers are the real Redis and nsqd (or the protocol double, see
-``tests/nsqd.py``).
+``tests/support/nsqd.py``).
 """
 
 from __future__ import annotations
@@ -23,25 +23,10 @@ from entitysync_sync.bus import BufferedBus, bus_from_url
 from entitysync_sync.bus.nsq import OUTPUT_BUFFER_SIZE, OUTPUT_BUFFER_TIMEOUT, NsqBus, parse_nsq_url
 from entitysync_sync.bus.redis import RedisBus, redact
 from entitysync_sync.exceptions import ConfigError
-from tests.brokers import make_broker
-from tests.conftest import wait_for
-from tests.tcpproxy import TcpProxy
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.keys: list[EntityKey] = []
-        self.resyncs: list[str | None] = []
-        self.lock = threading.Lock()
-
-    def deliver(self, keys: Any) -> None:
-        with self.lock:
-            self.keys.extend(keys)
-
-    def resync(self, entity: str | None = None) -> None:
-        with self.lock:
-            self.resyncs.append(entity)
-
+from tests.support.brokers import make_broker
+from tests.support.sinks import RecordingSink
+from tests.support.tcpproxy import TcpProxy
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -52,11 +37,12 @@ def buses() -> Iterator[list[BufferedBus]]:
         bus.close()
 
 
-def started(buses: list[BufferedBus], url: str, prefix: str, entities: list[str], **kwargs: Any) -> tuple[Any, Sink]:
+def started(buses: list[BufferedBus], url: str, prefix: str, entities: list[str],
+            **kwargs: Any) -> tuple[Any, RecordingSink]:
     bus = bus_from_url(url, topic_prefix=prefix, **kwargs)
     assert isinstance(bus, BufferedBus)
     buses.append(bus)
-    sink = Sink()
+    sink = RecordingSink()
     bus.start(sink, entities)
     wait_for(lambda: len(sink.resyncs) >= len(entities), timeout=20, message="the subscriptions")
     return bus, sink
@@ -115,7 +101,7 @@ def test_bad_topic_prefixes_are_refused(prefix: str) -> None:
 def test_a_topic_longer_than_nsq_allows_is_refused_when_the_entity_is_added() -> None:
     bus = NsqBus(["127.0.0.1:4150"], topic_prefix="p" * 60)
     with pytest.raises(ConfigError, match="longer than 64"):
-        bus.start(Sink(), ["items"])
+        bus.start(RecordingSink(), ["items"])
 
 
 # -- behaviour against real brokers ----------------------------------------------
@@ -152,7 +138,7 @@ def test_an_entity_added_after_start_is_received(broker: Any, buses: list[Buffer
 def test_close_publishes_what_is_buffered(broker: Any, buses: list[BufferedBus], uid: str) -> None:
     _, sink = started(buses, broker.url(), uid, ["items"])
     closing = bus_from_url(broker.url(), topic_prefix=uid)
-    closing.start(Sink(), [])
+    closing.start(RecordingSink(), [])
     closing.publish([EntityKey("items", "last")])
     closing.close()
     wait_for(lambda: EntityKey("items", "last") in sink.keys, message="the last notification")
@@ -245,7 +231,7 @@ def test_nsq_through_lookupd_finds_a_topic_soon_after_its_first_publish(buses: l
         bus = bus_from_url(url, topic_prefix=uid)
         assert isinstance(bus, BufferedBus)
         buses.append(bus)
-        sink = Sink()
+        sink = RecordingSink()
         bus.start(sink, ["items"])
         wait_for(lambda: misses, message="the consumer's first lookup, a 404")
         assert not sink.resyncs  # connected to nothing yet

@@ -14,9 +14,12 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.brokers import converge, make_broker, seed, subscribed, until_pushed
-from tests.conftest import Client, Server, wait_for
-from tests.tcpproxy import TcpProxy
+from tests.support.brokers import make_broker
+from tests.support.clients import Client
+from tests.support.pushes import converge, seed, subscribed, until_pushed
+from tests.support.servers import Server
+from tests.support.tcpproxy import TcpProxy
+from tests.support.waiting import wait_for
 
 
 def test_a_notify_on_one_server_reaches_clients_of_another(broker: Any, cluster: Callable[..., Server],

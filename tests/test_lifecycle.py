@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from tests.brokers import seed, subscribed
-from tests.conftest import Client, Server, ServerPool
+from tests.support.clients import Client
+from tests.support.pushes import seed, subscribed
+from tests.support.servers import Server
 
 
 def exercise_and_close(server: Server, uid: str) -> dict[str, Any]:
@@ -39,9 +40,12 @@ def assert_all_joined(report: dict[str, Any], kind: str) -> None:
         assert report["threads"] == [], report
 
 
-def test_close_joins_everything_on_the_memory_bus(servers: ServerPool, kind: str, uid: str) -> None:
-    server = servers.get(kind)
-    assert_all_joined(exercise_and_close(server, uid), kind)
+def test_close_joins_everything_on_the_memory_bus(kind: str, uid: str) -> None:
+    server = Server(kind, {})  # its own: a closed extension serves nobody after this test
+    try:
+        assert_all_joined(exercise_and_close(server, uid), kind)
+    finally:
+        server.stop()
 
 
 def test_close_joins_everything_on_a_broker(broker: Any, cluster: Callable[..., Server], kind: str,

@@ -23,7 +23,7 @@ import gevent
 import gnsq
 import pytest
 
-from tests.nsqd import Nsqd, NsqdHTTPError, nsqd_fixture  # noqa: F401  (nsqd_fixture provides `nsqd`)
+from tests.support.nsqd import Nsqd, NsqdHTTPError
 
 
 def poll(predicate: Callable[[], Any], timeout: float = 10.0, message: str = "condition") -> Any:

@@ -6,8 +6,8 @@ are read. The first start binds port 0; later starts reuse the ports it got, so
 ``stop()`` (or ``kill()``) then ``start()`` is nsqd going down and coming back at
 the same address, with the same ``--data-path``.
 
-Tests take the ``nsqd`` fixture (import ``nsqd_fixture`` from here); conftest can
-show :func:`describe_backend` in the pytest header.
+Tests take the ``nsqd`` fixture (defined in ``conftest.py``); conftest shows
+:func:`describe_backend` in the pytest header.
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 HOST = "127.0.0.1"
 _LISTENING = re.compile(r"(TCP|HTTP): listening on (\S+):(\d+)")
 
@@ -226,14 +224,3 @@ class Nsqd:
         if found is None:
             return None
         return next((c for c in found["channels"] if c["channel_name"] == channel), None)
-
-
-@pytest.fixture(name="nsqd")
-def nsqd_fixture() -> Iterator[Nsqd]:
-    """A started nsqd (real or double) on fresh ports, stopped after the test."""
-    server = Nsqd()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
