@@ -46,6 +46,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput run length (b) [5]")
     parser.add_argument("--burst", type=int, default=10000, help="notifies in the burst (e) [10000]")
     parser.add_argument("--ingest", type=int, default=50000, help="notifications published into nsqd (d) [50000]")
+    parser.add_argument("--nsq-options", default="",
+                        help="nsq:// URL query for the NSQ servers (d), e.g. output_buffer_timeout=25 [none]")
     parser.add_argument("--deflate-connections", type=int, default=2000, help="clients per server (f) [2000]")
     parser.add_argument("--deflate-notifies", type=int, default=20, help="notifies per server (f) [20]")
     pg.add_arguments(parser)

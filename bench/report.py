@@ -118,6 +118,13 @@ def _latency(result: dict[str, Any]) -> str:
             out.append(f"   NSQ ingest into one server: {i['notifications']} notifications published straight into"
                        f" nsqd, taken in at {i['per_s']:.0f}/s ({i['cpu_us_per_notification']:.1f} us CPU each;"
                        f" publishing took {i['publish_seconds']:.2f} s of {i['seconds']:.2f} s)")
+        if "broker_cpu" in r:
+            b = r["broker_cpu"]
+            ingested = ""
+            if "cpu_us_per_ingested" in b:
+                ingested = f", {b['cpu_us_per_ingested']:.1f} us per notification taken in"
+            out.append(f"   nsqd's own CPU: {b['idle_cpu_pct']:.2f} % of a core idle (two servers connected),"
+                       f" {b['cpu_ms_per_notify']:.2f} ms per notify while measuring latency{ingested}")
     return "\n".join(filter(None, out))
 
 

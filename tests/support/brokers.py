@@ -118,7 +118,7 @@ class NsqBroker:
     """An nsqd of the test's own: a real one when ``NSQD_BIN`` names it, else the protocol double.
 
     nsqd cannot be installed on the machines these tests were written on, so
-    by default this is ``tests/nsqd_double.py``; see :mod:`tests.support.nsqd`.
+    by default this is ``tests/support/nsqd_double/``; see :mod:`tests.support.nsqd`.
     """
 
     kind = "nsq"
