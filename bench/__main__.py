@@ -2,14 +2,16 @@
 
 Run from the project root (``pip install -e '.[bench]'``)::
 
-    python -m bench [--only fanout,per_user,cross,compression] [--quick] [--help for sizes]
+    python -m bench [--only fanout,per_user,cross,compression,pg] [--quick] [--help for sizes]
 
 The scenarios, in the order they run (see each module):
 
 * ``fanout`` (:mod:`bench.fanout`): a. fan-out, c. memory, d. latency on one server;
 * ``per_user`` (:mod:`bench.per_user`): b. throughput and e. burst with per-user fetches;
 * ``cross`` (:mod:`bench.cross`): d. latency across two servers on Redis and NSQ, NSQ ingest;
-* ``compression`` (:mod:`bench.compression`): f. what permessage-deflate costs.
+* ``compression`` (:mod:`bench.compression`): f. what permessage-deflate costs;
+* ``pg`` (:mod:`bench.pg`): g. what notifying from PostgreSQL costs its writers; it runs only
+  when named (``--only pg``), as it needs PostgreSQL and ``pgbench``.
 
 Results are printed (:mod:`bench.report`) and written to ``bench/results/suite.json``;
 the servers' logs go next to it.
@@ -25,8 +27,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from bench import compression, cross, fanout, per_user
-from bench.report import PARTS, machine, report, rows_of
+from bench import compression, cross, fanout, per_user, pg
+from bench.report import ON_REQUEST, PARTS, machine, report, rows_of
 from bench.server import RESULTS_DIR, ROOT
 
 RESULTS = RESULTS_DIR / "suite.json"
@@ -44,17 +46,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput run length (b) [5]")
     parser.add_argument("--burst", type=int, default=10000, help="notifies in the burst (e) [10000]")
     parser.add_argument("--ingest", type=int, default=50000, help="notifications published into nsqd (d) [50000]")
+    parser.add_argument("--nsq-options", default="",
+                        help="nsq:// URL query for the NSQ servers (d), e.g. output_buffer_timeout=25 [none]")
     parser.add_argument("--deflate-connections", type=int, default=2000, help="clients per server (f) [2000]")
     parser.add_argument("--deflate-notifies", type=int, default=20, help="notifies per server (f) [20]")
+    pg.add_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness runs (~1 min)")
     args = parser.parse_args(argv)
-    args.only = [part for part in args.only.split(",") if part] or list(PARTS)
+    args.only = [part for part in args.only.split(",") if part] or [p for p in PARTS if p not in ON_REQUEST]
     if unknown := set(args.only) - set(PARTS):
         parser.error(f"--only: no scenario {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     if args.quick:
         args.connections, args.fanout, args.repeats, args.latency_repeats = 1000, [100, 1000], 2, 3
         args.seconds, args.burst, args.ingest = 1.0, 1000, 5000
         args.deflate_connections, args.deflate_notifies = 500, 3
+        args.pg_seconds = 2
     return args
 
 
@@ -64,6 +70,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[list[dict[str, Any
     "per_user": per_user.run,
     "cross": cross.run,
     "compression": compression.run,
+    "pg": pg.run,
 }
 
 

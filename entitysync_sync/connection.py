@@ -66,8 +66,8 @@ class Handlers(Protocol):
     def authorize(self, key: EntityKey, secret: Any) -> bool:
         """Whether a client holding ``secret`` may subscribe to ``key``."""
 
-    def fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
-        """The rows of ``key`` as JSON texts, or ``None`` when it does not exist."""
+    def fetch(self, key: EntityKey, secret: Any) -> p.FetchResult:
+        """The row or rows of ``key`` as JSON texts, or ``None`` when it does not exist."""
 
     def pass_through(self, secret: Any, raw: str) -> bool:
         """Hand a frame without an action to the app; False when no handler is set."""
@@ -397,12 +397,12 @@ class Connection:
 
     def _refresh(self, key: EntityKey, secret: Any, generation: int) -> None:
         try:
-            rows = self._handlers.fetch(key, secret)
+            result = self._handlers.fetch(key, secret)
         except Exception as exc:
             frames = self._fetch_failed(key, exc)
         else:
             self._failures.forget(key)
-            frames = p.encode_result(key, rows, self._limits.envelope)
+            frames = p.encode_result(key, result, self._limits.envelope)
         with self._lock:
             if self.closed or key not in self._subscriptions or generation != self._generation:
                 return  # unsubscribed, or fetched with a secret that is no longer current

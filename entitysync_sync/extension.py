@@ -20,7 +20,7 @@ from .endpoint import endpoint_blueprint
 from .exceptions import ConfigError, UnknownEntityError
 from .hub import Hub
 from .keys import EntityKey, IdLike, KeyLike, as_key, stamp_keys, validate_entity
-from .orm import watcher_for
+from .orm import Watcher, watcher_for
 from .registry import Registry
 from .runtime import EXTENSION_NAME, Runtime
 from .settings import load_settings
@@ -79,11 +79,12 @@ class EntitySync:
     def entity(self, name: str, *, shared: bool = False) -> Callable[[F], F]:
         """Register ``fetch(key, secret)`` for the entity ``name``.
 
-        ``fetch`` returns one row, a list or tuple of rows, or an iterator
-        (a generator) of rows; or ``None`` when the row does not exist, which
-        sends ``gone``. Rows are encoded with ``app.json``; a ``str`` or
-        ``bytes`` row is JSON already and is sent as it is. It runs in a fresh
-        application context for each call.
+        ``fetch`` returns one row (sent as the push's ``"body"``); a set of
+        rows, as a list, a tuple or an iterator (a generator), sent whole as
+        the push's ``"rows"`` in that order, an empty set included; or
+        ``None`` when the key does not exist, which sends ``gone``. Rows are
+        encoded with ``app.json``; a ``str`` or ``bytes`` row is JSON already
+        and is sent as it is. It runs in a fresh application context for each call.
 
         ``shared=True`` declares that the rows do not depend on the
         subscriber: ``fetch`` is then called with ``secret=None``, once per
@@ -141,19 +142,56 @@ class EntitySync:
         if batch:
             self.runtime().publish(batch)
 
+    def notify_entity(self, *entities: str) -> None:
+        """Tell every server that any row of ``entities`` may have changed; returns at once.
+
+        Every server refreshes every key of those entities that a local
+        client subscribes to, once per key, coalesced with refreshes already
+        pending. For after a data migration, an import or a bulk fix. A burst
+        of calls (and notifications of those entities' keys meanwhile) goes
+        out as one request per entity.
+        """
+        for entity in entities:
+            validate_entity(entity)
+            if entity not in self._registry.entities:
+                raise UnknownEntityError(f"no entity {entity!r} is registered; use @es.entity({entity!r})")
+        if entities:
+            self.runtime().publish_entities(sorted(set(entities)))
+
     def watch(self, model: type[Any], entity: str | Callable[[Any], str] | None = None,
-              id: Callable[[Any], IdLike] | None = None) -> type[Any]:
+              id: Callable[[Any], IdLike] | None = None, *,
+              keys: Callable[[Any], Iterable[KeyLike]] | None = None,
+              entities: Iterable[str] | None = None) -> type[Any]:
         """Notify after every commit that inserted, updated or deleted a ``model`` instance.
 
         ``entity`` defaults to the table name and ``id`` to the primary key;
-        either may be a callable of the instance. See :mod:`entitysync_sync.orm`.
+        either may be a callable of the instance. Or ``keys=fn``: ``fn(instance)``
+        returns every key (``EntityKey`` or ``(entity, id)``) the instance
+        belongs to, e.g. a task's own key and its project's list; on an update,
+        the keys of its previous values are notified too. ``entities`` names the
+        entities those keys can be in, refreshed whole after a bulk ``update()``
+        or ``delete()`` whose keys cannot be known. See :mod:`entitysync_sync.orm`.
         """
-        watcher_for(self, self.notify_many).watch(model, entity, id)
+        self._watcher().watch(model, entity, id, keys=keys, entities=entities)
         return model
 
     def unwatch(self, model: type[Any]) -> None:
         """Stop notifying for ``model`` (for instance between tests)."""
-        watcher_for(self, self.notify_many).unwatch(model)
+        self._watcher().unwatch(model)
+
+    def _watcher(self) -> Watcher:
+        return watcher_for(self, self.notify_many, self._notify_entities, self._listened_database)
+
+    def _notify_entities(self, entities: list[str] | None) -> None:
+        """An entity-wide refresh of ``entities``, or of every registered entity (None)."""
+        self.notify_entity(*(sorted(self._registry.entities) if entities is None else entities))
+
+    def _listened_database(self) -> Any:
+        """The PostgreSQL bus this process receives from, for ``watch``'s in-transaction notifications."""
+        try:
+            return self.runtime().listened_database()
+        except ConfigError:  # not registered on an app (yet): notify_many will say so
+            return None
 
     # -- the runtime of each app -----------------------------------------------
 

@@ -34,8 +34,8 @@ class SharedHandlers(Protocol):
     def is_shared(self, entity: str) -> bool:
         """Whether ``entity`` was registered with ``shared=True``."""
 
-    def fetch(self, key: EntityKey, secret: object) -> list[str] | None:
-        """The rows of ``key`` as JSON texts, or ``None`` when it does not exist."""
+    def fetch(self, key: EntityKey, secret: object) -> p.FetchResult:
+        """The row or rows of ``key`` as JSON texts, or ``None`` when it does not exist."""
 
 
 class Fanout:
@@ -104,11 +104,11 @@ class Fanout:
     def build(self, key: EntityKey) -> SharedFrames:
         """Fetch ``key`` with ``secret=None`` and encode its frames, once."""
         try:
-            rows = self._handlers.fetch(key, None)
+            result = self._handlers.fetch(key, None)
         except Exception as exc:
             texts = p.encode_fetch_failed(key, failure_message(key, exc), self._envelope)
             error: Exception | None = exc
         else:
-            texts, error = p.encode_result(key, rows, self._envelope), None
+            texts, error = p.encode_result(key, result, self._envelope), None
         frames = tuple(EncodedFrame.of(text) for text in texts)
         return SharedFrames(key, frames, sum(map(len, texts)), error)

@@ -39,7 +39,7 @@ COUNTERS: tuple[str, ...] = (
     "resyncs",                  # resync requests received from the bus (after a reconnect or overflow)
     "fetches",                  # fetch calls
     "fetch_errors",             # fetch calls that raised
-    "pushes",                   # push frames produced by fetches, one per row
+    "pushes",                   # push frames produced by fetches, one per fetch that found a row or a set
     "gones",                    # fetches that returned None (a gone frame in the envelope)
 )
 
@@ -87,17 +87,17 @@ class Metrics:
         with self._lock:
             self._counters[name] += n
 
-    def fetched(self, key: EntityKey, started: float, rows: int | None) -> None:
+    def fetched(self, key: EntityKey, started: float, pushes: int | None) -> None:
         """Record a fetch of ``key`` that began at ``started`` (``time.monotonic()``)
-        and returned ``rows`` rows, or ``None`` for gone."""
+        and made ``pushes`` push frames (one for a row or a set of rows), or ``None`` for gone."""
         now = time.monotonic()
         wall = time.time() if isinstance(key, NotifiedKey) else 0.0
         with self._lock:
             self._counters["fetches"] += 1
-            if rows is None:
+            if pushes is None:
                 self._counters["gones"] += 1
             else:
-                self._counters["pushes"] += rows
+                self._counters["pushes"] += pushes
             self._fetch.observe(now - started)
             if isinstance(key, NotifiedKey):
                 self._notify_to_push.observe(wall - key.notified_at)
@@ -140,9 +140,11 @@ class MeteredSink:
         self._get_hub().resync(entity)
 
 
-def collect(hub: Hub, bus: Bus, metrics: Metrics) -> dict[str, Any]:
-    """The figures of :meth:`EntitySync.stats() <entitysync_sync.EntitySync.stats>`."""
+def collect(hub: Hub, bus: Bus, metrics: Metrics, pg_listener: Bus | None = None) -> dict[str, Any]:
+    """The figures of :meth:`EntitySync.stats() <entitysync_sync.EntitySync.stats>`; ``pg_listen``
+    holds those of the listener on ``ENTITYSYNC_PG_LISTEN_URL``, if there is one."""
     bus_stats = bus.stats()
+    listener = {} if pg_listener is None else {"pg_listen": pg_listener.stats()}
     return {
         "connections": hub.connection_count,
         "subscriptions": hub.subscription_count,
@@ -153,4 +155,5 @@ def collect(hub: Hub, bus: Bus, metrics: Metrics) -> dict[str, Any]:
         "bus_dropped": bus_stats.get("dropped", 0),
         "bus_publish_failures": bus_stats.get("publish_failures", 0),
         "bus": bus_stats,
+        **listener,
     }

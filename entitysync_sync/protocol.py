@@ -13,7 +13,10 @@ Three kinds of payload cross the wire:
   field that Go and older servers ignore; and ``{"entity":"items","resync":true}``,
   built by :func:`encode_bus_resync`, which asks every server to refresh all
   its subscribed keys of one entity (sent after a publisher had to drop
-  notifications; a Go node reads it as a key with an empty id and ignores it).
+  notifications, and for ``notify_entity``). The Go entity-sync unmarshals
+  it into its ``EntityKey`` struct, ignoring the unknown field, and gets a
+  key with an empty id: it refreshes that key for clients subscribed to it,
+  and no Python client can subscribe to an empty id, so it does nothing.
 
 Bad input raises :class:`~entitysync_sync.exceptions.ProtocolError` carrying
 one of the error codes below.
@@ -46,6 +49,11 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 
 Ref = str | int | float | None
+
+#: One fetch result as JSON texts: one row (``str``, sent as ``"body"``), a set
+#: of rows in the fetch's order (``list``, sent as ``"rows"``), or ``None``
+#: when the key does not exist (sent as ``gone``).
+FetchResult = str | list[str] | None
 
 
 @dataclass(frozen=True)
@@ -165,24 +173,35 @@ def encode_push(key: EntityKey, row_json: str) -> str:
     return f'{{"action":"push","key":{encode_key(key)},"body":{row_json}}}'
 
 
+def encode_push_rows(key: EntityKey, rows_json: list[str]) -> str:
+    """A push frame holding a whole set of rows (each already JSON text), in their order."""
+    return f'{{"action":"push","key":{encode_key(key)},"rows":[{",".join(rows_json)}]}}'
+
+
 def encode_gone(key: EntityKey) -> str:
     """The frame saying that ``key`` does not exist (its fetch returned ``None``)."""
     return f'{{"action":"gone","key":{encode_key(key)}}}'
 
 
-def encode_result(key: EntityKey, rows: list[str] | None, envelope: bool = True) -> list[str]:
+def encode_result(key: EntityKey, result: FetchResult, envelope: bool = True) -> list[str]:
     """The server frames that carry one fetch result of ``key`` to a subscriber.
 
-    ``rows`` are JSON texts, or ``None`` when the row does not exist. In
-    envelope mode each row is a ``push`` and ``None`` is ``gone``; in raw
-    mode each row is sent alone, as the Go entity-sync did, and ``None``
-    sends nothing. Per-subscriber and shared fetches both build frames here.
+    In envelope mode a single row is one ``push`` with ``"body"``, a set of
+    rows (possibly empty) is one ``push`` with ``"rows"``, so the client gets
+    the whole set at once and learns of rows that left it, and ``None`` is
+    ``gone``. In raw mode each row is sent alone, as the Go entity-sync did,
+    and ``None`` sends nothing. Per-subscriber and shared fetches both build
+    frames here.
     """
     if not envelope:
-        return rows or []
-    if rows is None:
+        if result is None:
+            return []
+        return [result] if isinstance(result, str) else list(result)
+    if result is None:
         return [encode_gone(key)]
-    return [encode_push(key, row) for row in rows]
+    if isinstance(result, str):
+        return [encode_push(key, result)]
+    return [encode_push_rows(key, result)]
 
 
 def encode_fetch_failed(key: EntityKey, message: str, envelope: bool = True) -> list[str]:

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from .bus import BufferedBus, bus_class, bus_from_url
 from .concurrency import OncePerProcess
 from .exceptions import BusError, ConfigError
-from .keys import EntityKey, IdLike, KeyLike, as_key, stamp_keys
+from .keys import EntityKey, IdLike, KeyLike, as_key, stamp_keys, validate_entity
 
 log = logging.getLogger("entitysync_sync")
 
@@ -85,6 +85,24 @@ class Publisher:
             self._checked.add(entity)
         self._start.run(self._started)
         self._bus.publish(batch)
+
+    def notify_entity(self, *entities: str) -> None:
+        """Tell every server that any row of ``entities`` may have changed; returns at once.
+
+        Every server refreshes each key of those entities that it has
+        subscribers for. Raises :class:`~entitysync_sync.InvalidKeyError` for
+        a bad entity name and :class:`~entitysync_sync.ConfigError` once closed.
+        """
+        names = sorted({validate_entity(entity) for entity in entities})
+        if not names:
+            return
+        if self.closed:
+            raise ConfigError("this Publisher is closed")
+        for entity in set(names) - self._checked:
+            self._bus.topic(entity)  # raises ConfigError if prefix + entity is too long for a topic
+            self._checked.add(entity)
+        self._start.run(self._started)
+        self._bus.publish_entities(names)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every notification so far has reached the broker.

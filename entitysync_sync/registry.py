@@ -22,6 +22,7 @@ from .concurrency import call_with_timeout
 from .exceptions import ConfigError, FetchTimeoutError
 from .keys import EntityKey, validate_entity
 from .metrics import Metrics
+from .protocol import FetchResult
 
 FetchFn = Callable[[EntityKey, Any], Any]
 
@@ -95,21 +96,22 @@ class AppHandlers:
             fn(secret, raw)
         return True
 
-    def fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
-        """The rows of ``key`` for ``secret`` as JSON texts, or None; raises what the fetch raised."""
+    def fetch(self, key: EntityKey, secret: Any) -> FetchResult:
+        """The row (``str``) or set of rows (``list``) of ``key`` for ``secret`` as JSON
+        texts, or None; raises what the fetch raised."""
         started = time.monotonic()
         try:
-            rows = call_with_timeout(self._fetch_timeout, self._timed_out, self._fetch, key, secret)
+            result = call_with_timeout(self._fetch_timeout, self._timed_out, self._fetch, key, secret)
         except Exception:
             self._metrics.fetch_failed(started)
             raise
-        self._metrics.fetched(key, started, None if rows is None else len(rows))
-        return rows
+        self._metrics.fetched(key, started, None if result is None else 1)
+        return result
 
     def _timed_out(self) -> FetchTimeoutError:
         return FetchTimeoutError(f"timed out after {self._fetch_timeout:g}s (ENTITYSYNC_FETCH_TIMEOUT)")
 
-    def _fetch(self, key: EntityKey, secret: Any) -> list[str] | None:
+    def _fetch(self, key: EntityKey, secret: Any) -> FetchResult:
         entity = self._registry.entities[key.entity]
         if entity.shared:
             secret = None  # a shared fetch must not depend on whoever subscribed first
@@ -117,11 +119,12 @@ class AppHandlers:
             result = entity.fetch(key, secret)
             if result is None:
                 return None
+            # A list, a tuple or an iterator is a set of rows, sent whole; anything else is one row.
             if isinstance(result, (list, tuple)) or (
                 not isinstance(result, dict) and isinstance(result, Iterator)
             ):
                 return [self._encode(row) for row in result]
-            return [self._encode(result)]
+            return self._encode(result)
 
     def _encode(self, row: Any) -> str:
         if isinstance(row, str):

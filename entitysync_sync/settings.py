@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, MutableMapping
+from urllib.parse import urlsplit
 
 from .exceptions import ConfigError
 from .keys import check_topic_prefix
@@ -28,9 +29,23 @@ def _path(value: Any, key: str) -> str:
 
 
 def _bus_url(value: Any, key: str) -> str:
-    """A bus URL: ``memory://``, ``redis://...``, ``rediss://...`` or ``nsq://...``."""
+    """A bus URL: ``memory://``, ``redis://...``, ``rediss://...``, ``nsq://...`` or ``postgresql://...``."""
     if not isinstance(value, str):
         raise ConfigError(f"{key} must be a string such as 'memory://'")
+    return value
+
+
+def _pg_url(value: Any, key: str) -> str | None:
+    """``None``, or a ``postgresql://`` (or ``postgres://``) URL."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("postgresql", "postgres"):
+        shown = f"a URL with scheme {urlsplit(value).scheme or '(none)'}" if isinstance(value, str) else repr(value)
+        raise ConfigError(f"{key} must be None or a postgresql:// URL, got {shown}")
+    try:
+        urlsplit(value).port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{key} has a port that is not a number") from None
     return value
 
 
@@ -123,7 +138,9 @@ SETTINGS: tuple[Setting, ...] = (
         process that use the same name) and **reaches only the process it runs in**;
         a warning is logged when gunicorn runs several workers with it.
         ``redis://host:6379/0`` (or ``rediss://``) and ``nsq://host:4150`` reach
-        every worker and server. An unsupported scheme raises :class:`~entitysync_sync.ConfigError`."""),
+        every worker and server; ``postgresql://user@host:5432/db`` uses the
+        database's LISTEN/NOTIFY (see :doc:`/postgresql`). An unsupported scheme
+        raises :class:`~entitysync_sync.ConfigError`."""),
     Setting("ENTITYSYNC_PUSH_ON_SUBSCRIBE", True, _bool, """
         Push the current state as soon as a client subscribes (and again after a
         secret change), so clients never wait for the next change."""),
@@ -184,6 +201,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ENTITYSYNC_RATE_BURST", 2000, _positive_int, """
         Client frames one connection may send at once after a quiet spell, e.g. a
         page subscribing to many rows when it loads."""),
+    Setting("ENTITYSYNC_PG_LISTEN_URL", None, _pg_url, """
+        A ``postgresql://`` URL whose notifications (from the triggers of
+        :func:`entitysync_sync.postgres.trigger_sql`) every server also receives,
+        besides a Redis or NSQ bus; see :doc:`/postgresql`. Unset with a
+        ``postgresql://`` bus, which listens on its own database already."""),
 )
 
 #: Every configuration key with its default.
@@ -211,6 +233,7 @@ class Settings:
     fetch_retry_max: float
     rate_limit: float
     rate_burst: int
+    pg_listen_url: str | None = None
 
 
 def load_settings(config: MutableMapping[str, Any]) -> Settings:
@@ -219,4 +242,10 @@ def load_settings(config: MutableMapping[str, Any]) -> Settings:
     for setting in SETTINGS:
         config.setdefault(setting.key, setting.default)
         values[setting.field] = setting.check(config[setting.key], setting.key)
+    listen, bus = values["pg_listen_url"], values["bus_url"]
+    if listen is not None and urlsplit(bus).scheme in ("postgresql", "postgres"):
+        if listen != bus:
+            raise ConfigError("ENTITYSYNC_PG_LISTEN_URL is for a bus that is not PostgreSQL; the postgresql:// "
+                              "bus already listens on its own database (leave it unset)")
+        values["pg_listen_url"] = None
     return Settings(**values)

@@ -155,12 +155,14 @@ class WebSocketClient:
         return self.expect(match, timeout, f"{what} of {key['entity']}/{key['id']}")
 
     def expect_push(self, entity: str, id: IdLike, timeout: float | None = None) -> Any:
-        """Wait for a push of ``(entity, id)`` and return its row.
+        """Wait for a push of ``(entity, id)`` and return its row (its ``"body"``),
+        or its list of rows (``"rows"``) when the fetch returned a set.
 
         Frames about other keys (and acks) are skipped; a ``gone`` or an
         error about this key fails at once.
         """
-        return self._about(entity, id, ("push",), "a push", timeout)["body"]
+        frame = self._about(entity, id, ("push",), "a push", timeout)
+        return frame["rows"] if "rows" in frame else frame["body"]
 
     def expect_gone(self, entity: str, id: IdLike, timeout: float | None = None) -> None:
         """Wait for ``gone`` of ``(entity, id)``; a push or an error about it fails at once."""

@@ -4,7 +4,7 @@ Every test runs once per broker. Servers are real ``gunicorn -k gevent`` and
 threaded ``flask run`` processes sharing one SQLite database (the rows), and
 the clients are real websocket clients. Redis is the machine's real Redis;
 NSQ is a real nsqd when ``NSQD_BIN`` names one, else the protocol double in
-``tests/nsqd_double.py``.
+``tests/support/nsqd_double/``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.brokers import converge, make_broker, seed, subscribed, until_pushed
-from tests.conftest import Client, Server, wait_for
-from tests.tcpproxy import TcpProxy
+from tests.support.brokers import make_broker
+from tests.support.clients import Client
+from tests.support.pushes import converge, seed, subscribed, until_pushed
+from tests.support.servers import Server
+from tests.support.tcpproxy import TcpProxy
+from tests.support.waiting import wait_for
 
 
 def test_a_notify_on_one_server_reaches_clients_of_another(broker: Any, cluster: Callable[..., Server],

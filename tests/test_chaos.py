@@ -13,8 +13,10 @@ import socket
 import threading
 from typing import Any, Callable
 
-from tests.brokers import converge, seed
-from tests.conftest import Client, Server, wait_for
+from tests.support.clients import Client
+from tests.support.pushes import converge, seed
+from tests.support.servers import Server
+from tests.support.waiting import wait_for
 
 
 def test_every_client_converges_after_a_broker_restart_and_dropped_clients(

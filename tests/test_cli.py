@@ -12,8 +12,11 @@ from typing import Any, Callable
 from flask import Flask
 
 from entitysync_sync import EntitySync
-from tests.brokers import free_port, make_broker, seed, subscribed, until_pushed
-from tests.conftest import ROOT, Client, Server
+from tests.support.brokers import make_broker
+from tests.support.clients import Client
+from tests.support.ports import free_port
+from tests.support.pushes import seed, subscribed, until_pushed
+from tests.support.servers import ROOT, Server
 
 
 def make_app(**config: Any) -> Flask:
@@ -51,7 +54,9 @@ def test_notify_refuses_unknown_entities_and_bad_ids() -> None:
     result = runner.invoke(args=["entitysync", "notify", "items", "x" * 300])
     assert result.exit_code == 1 and "invalid id" in result.output
     result = runner.invoke(args=["entitysync", "notify", "items"])
-    assert result.exit_code == 2 and "Missing argument" in result.output
+    assert result.exit_code == 2 and "give either IDS or --all" in result.output
+    result = runner.invoke(args=["entitysync", "notify", "items", "1", "--all"])
+    assert result.exit_code == 2 and "give either IDS or --all" in result.output
 
 
 def test_notify_fails_when_the_broker_cannot_be_reached() -> None:
@@ -104,6 +109,29 @@ def test_notify_from_the_command_line_reaches_a_running_server(broker: Any, clus
         assert "published 2 notification(s) of items to" in done.stdout
         for client, id in zip(clients, ids, strict=True):
             until_pushed(client, "items", id, "from-cli")
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_notify_all_from_the_command_line_refreshes_every_subscribed_key(broker: Any,
+                                                                         cluster: Callable[..., Server],
+                                                                         uid: str) -> None:
+    server = cluster("flask", broker)
+    ids = [f"{uid}-1", f"{uid}-2"]
+    clients = []
+    try:
+        for id in ids:
+            seed(server, id, "v0")
+            clients.append(subscribed(Client(server.ws_url), server, "items", id, "v0"))
+        for id in ids:
+            seed(server, id, "from-cli-all")
+        done = flask_cli("entitysync", "notify", "items", "--all",
+                         ENTITYSYNC_BUS_URL=broker.url(), ENTITYSYNC_TOPIC_PREFIX=uid + "_")
+        assert done.returncode == 0, done.stderr
+        assert "asked every server to refresh every subscribed key of items" in done.stdout
+        for client, id in zip(clients, ids, strict=True):
+            until_pushed(client, "items", id, "from-cli-all")
     finally:
         for client in clients:
             client.close()

@@ -1,6 +1,6 @@
 """Every close the server decides reaches the client, and nothing follows it, under load.
 
-Each client here reads the raw stream (:mod:`tests.rawws`), so a close frame
+Each client here reads the raw stream (:mod:`tests.support.rawws`), so a close frame
 destroyed by a reset, a close code replaced by flask-sock's own 1000, or an
 HTTP response written onto the websocket by the development server fails the
 test. A second process spins on a CPU meanwhile, as a busy machine would.
@@ -18,8 +18,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.conftest import WS_PATH, Server, ServerPool, wait_for
-from tests.rawws import RawClient
+from tests.support.rawws import RawClient
+from tests.support.servers import WS_PATH, Server, ServerPool
+from tests.support.waiting import wait_for
 
 FLOOD = {"ENTITYSYNC_RATE_LIMIT": 20, "ENTITYSYNC_RATE_BURST": 10, "ENTITYSYNC_PING_INTERVAL": 0.5}
 SLOW = {"ENTITYSYNC_OUTBOX_LIMIT": 2000, "ENTITYSYNC_RATE_LIMIT": 100000, "ENTITYSYNC_RATE_BURST": 100000}

@@ -24,8 +24,8 @@ from entitysync_sync import (
 )
 from entitysync_sync.bus import KeyBuffer, bus_from_url
 from entitysync_sync.connection import Connection
-
-from .conftest import wait_for
+from tests.support.sinks import RecordingSink
+from tests.support.waiting import wait_for
 
 
 class RecordingTransport:
@@ -305,16 +305,20 @@ def test_key_buffer_puts_back_a_failed_batch_ahead_of_newer_keys() -> None:
     assert dropped == {"b"} and buffer.dropped == 1
 
 
-class RecordingSink:
-    def __init__(self) -> None:
-        self.keys: list[EntityKey] = []
-        self.resyncs: list[str | None] = []
-
-    def deliver(self, keys: Any) -> None:
-        self.keys.extend(keys)
-
-    def resync(self, entity: str | None = None) -> None:
-        self.resyncs.append(entity)
+def test_key_buffer_holds_an_entity_refresh_once_and_it_absorbs_that_entitys_keys() -> None:
+    buffer = KeyBuffer(2)
+    buffer.add([EntityKey("a", 1), EntityKey("b", 1)])
+    for _ in range(100):
+        buffer.add_entities(["a"])
+    buffer.add([EntityKey("a", 2), EntityKey("b", 2), EntityKey("b", 3)])  # a/2 is covered; b/3 overflows
+    keys, resync = buffer.take()
+    assert keys == [EntityKey("b", 1), EntityKey("b", 2)] and resync == {"a", "b"}
+    assert buffer.dropped == 1 and buffer.empty
+    buffer.add_entities(["c"])
+    keys, resync = buffer.take()
+    buffer.add([EntityKey("c", 1)])
+    buffer.put_back(keys, resync)  # a failed send: the refresh of c is kept, and still covers c/1
+    assert buffer.take() == ([], {"c"})
 
 
 def test_memory_bus_fans_out_within_a_name_only() -> None:

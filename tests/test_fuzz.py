@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from entitysync_sync import EntityKey
 from entitysync_sync import protocol as p
 from entitysync_sync.exceptions import ProtocolError
-from tests.conftest import Client, ServerPool, wait_for
+from tests.support.clients import Client
+from tests.support.servers import ServerPool
+from tests.support.waiting import wait_for
 
 MESSAGES = (p.Subscribe, p.Unsubscribe, p.SetSecret, p.PassThrough)
 

@@ -15,8 +15,10 @@ from typing import Any, Callable
 import pytest
 import websocket
 
-from tests.conftest import Client, Server, ServerPool, wait_for
-from tests.tcpproxy import TcpProxy
+from tests.support.clients import Client
+from tests.support.servers import Server, ServerPool
+from tests.support.tcpproxy import TcpProxy
+from tests.support.waiting import wait_for
 
 # -- origin ------------------------------------------------------------------------
 

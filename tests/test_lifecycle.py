@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from tests.brokers import seed, subscribed
-from tests.conftest import Client, Server
+from tests.support.clients import Client
+from tests.support.pushes import seed, subscribed
+from tests.support.servers import Server
 
 
 def exercise_and_close(server: Server, uid: str) -> dict[str, Any]:
@@ -40,9 +41,7 @@ def assert_all_joined(report: dict[str, Any], kind: str) -> None:
 
 
 def test_close_joins_everything_on_the_memory_bus(kind: str, uid: str) -> None:
-    # A server of its own: a closed extension refuses every later client, so
-    # closing the session's shared server would fail the tests that run after.
-    server = Server(kind, {})
+    server = Server(kind, {})  # its own: a closed extension serves nobody after this test
     try:
         assert_all_joined(exercise_and_close(server, uid), kind)
     finally:

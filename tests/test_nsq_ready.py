@@ -24,24 +24,13 @@ import pytest
 from entitysync_sync import EntityKey
 from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
 from entitysync_sync.exceptions import ConfigError
-from tests.brokers import NsqBroker, converge, seed
-from tests.conftest import Client, Server, wait_for
-from tests.nsqd import Nsqd
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.keys: list[EntityKey] = []
-        self.resyncs: list[str | None] = []
-        self.lock = threading.Lock()
-
-    def deliver(self, keys: Any) -> None:
-        with self.lock:
-            self.keys.extend(keys)
-
-    def resync(self, entity: str | None = None) -> None:
-        with self.lock:
-            self.resyncs.append(entity)
+from tests.support.brokers import NsqBroker
+from tests.support.clients import Client
+from tests.support.nsqd import Nsqd
+from tests.support.pushes import converge, seed
+from tests.support.servers import Server
+from tests.support.sinks import RecordingSink
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture
@@ -53,13 +42,13 @@ def nsqd() -> Iterator[Nsqd]:
 
 
 @pytest.fixture
-def start_bus(nsqd: Nsqd) -> Iterator[Callable[..., tuple[NsqBus, Sink]]]:
+def start_bus(nsqd: Nsqd) -> Iterator[Callable[..., tuple[NsqBus, RecordingSink]]]:
     made: list[NsqBus] = []
 
-    def start(prefix: str, **kwargs: Any) -> tuple[NsqBus, Sink]:
+    def start(prefix: str, **kwargs: Any) -> tuple[NsqBus, RecordingSink]:
         bus = NsqBus([nsqd.tcp_address], topic_prefix=prefix, max_backoff=1.0, **kwargs)
         made.append(bus)
-        sink = Sink()
+        sink = RecordingSink()
         bus.start(sink, ["items"])
         wait_for(lambda: sink.resyncs, timeout=20, message="the subscription")
         return bus, sink
@@ -97,7 +86,7 @@ def ready_on_nsqd(nsqd: Nsqd, topic: str, channel: str) -> bool:
     return len(clients) == 1 and clients[0]["ready_count"] > 0
 
 
-def publish_until_received(bus: NsqBus, sink: Sink, key: EntityKey, timeout: float) -> None:
+def publish_until_received(bus: NsqBus, sink: RecordingSink, key: EntityKey, timeout: float) -> None:
     bus.publish([key])
     wait_for(lambda: key in sink.keys, timeout=timeout, message=f"{key} to be received")
 
@@ -127,7 +116,7 @@ def rdy_tick_in_connect_window(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_a_rdy_tick_inside_the_reconnect_window_leaves_the_consumer_ready(
-        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, Sink]], uid: str,
+        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, RecordingSink]], uid: str,
         rdy_tick_in_connect_window: list[Any]) -> None:
     # The supervisor is kept out of it: the consumer itself must get this right.
     bus, sink = start_bus(uid, supervise_interval=3600)
@@ -168,7 +157,7 @@ def lose_rdy_on_nsqd(bus: NsqBus) -> int:
 
 
 def test_a_consumer_whose_messages_wait_while_it_receives_nothing_is_repaired(
-        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, Sink]], uid: str,
+        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, RecordingSink]], uid: str,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="entitysync_sync")
     bus, sink = start_bus(uid, stall_timeout=2.0, supervise_interval=0.2)
@@ -191,7 +180,7 @@ def test_a_consumer_whose_messages_wait_while_it_receives_nothing_is_repaired(
 
 
 def test_a_consumer_that_stays_stalled_after_a_repair_is_replaced(
-        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, Sink]], uid: str,
+        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, RecordingSink]], uid: str,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="entitysync_sync")
     bus, sink = start_bus(uid, stall_timeout=2.0, supervise_interval=0.2)
@@ -199,6 +188,9 @@ def test_a_consumer_that_stays_stalled_after_a_repair_is_replaced(
     consumer = bus._consumers["items"]
     on_hub(bus, lambda: setattr(consumer, "send_ready_state", lambda resend=False: None))  # repairs do nothing
     lose_rdy_on_nsqd(bus)
+    # nsqd handles the RDY 0 and the publish on two connections concurrently: publish once it holds.
+    wait_for(lambda: not ready_on_nsqd(nsqd, bus.topic("items"), bus.channel),
+             message="nsqd to hold the connection at RDY 0")
     bus.publish([EntityKey("items", "held-1")])
     wait_for(lambda: bus.stats().get("consumers_repaired") == 1, timeout=15, message="a repair")
     bus.publish([EntityKey("items", "held-2")])
@@ -212,7 +204,7 @@ def test_a_consumer_that_stays_stalled_after_a_repair_is_replaced(
 
 
 def test_a_connected_consumer_left_at_rdy_0_is_repaired(
-        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, Sink]], uid: str,
+        nsqd: Nsqd, start_bus: Callable[..., tuple[NsqBus, RecordingSink]], uid: str,
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="entitysync_sync")
     bus, sink = start_bus(uid, ready_timeout=1.0, supervise_interval=0.2)

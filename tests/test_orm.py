@@ -20,7 +20,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from sqlalchemy.pool import StaticPool
 
 from entitysync_sync import Bus, BusSink, ConfigError, EntityKey, EntitySync, InvalidKeyError
-from tests.conftest import Client, Server
+from tests.support.clients import Client
+from tests.support.servers import Server
 
 
 class Base(DeclarativeBase):

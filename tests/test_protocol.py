@@ -81,6 +81,25 @@ def test_server_frames_are_valid_json_with_the_documented_shape() -> None:
         "action": "error", "ref": None, "error": {"code": "bad_json", "message": "x"}}
 
 
+def test_a_fetch_result_is_one_frame_a_row_as_body_a_set_as_rows() -> None:
+    key = EntityKey("lists", "7")
+    frame_of = lambda result: [json.loads(t) for t in p.encode_result(key, result)]  # noqa: E731
+    k = {"entity": "lists", "id": "7"}
+    assert frame_of('{"a":1}') == [{"action": "push", "key": k, "body": {"a": 1}}]
+    assert frame_of(['{"a":1}', '{"a":2}', '[3]']) == [
+        {"action": "push", "key": k, "rows": [{"a": 1}, {"a": 2}, [3]]}]
+    assert p.encode_result(key, []) == ['{"action":"push","key":{"entity":"lists","id":"7"},"rows":[]}']
+    assert frame_of(None) == [{"action": "gone", "key": k}]
+
+
+def test_raw_mode_sends_each_row_alone_and_nothing_for_gone() -> None:
+    key = EntityKey("lists", "7")
+    assert p.encode_result(key, '{"a":1}', envelope=False) == ['{"a":1}']
+    assert p.encode_result(key, ['{"a":1}', '{"a":2}'], envelope=False) == ['{"a":1}', '{"a":2}']
+    assert p.encode_result(key, [], envelope=False) == []
+    assert p.encode_result(key, None, envelope=False) == []
+
+
 def test_push_of_a_key_with_quotes_stays_valid_json() -> None:
     key = EntityKey("items", 'a"b\\c</script>')
     assert json.loads(p.encode_push(key, "null"))["key"]["id"] == 'a"b\\c</script>'

@@ -15,9 +15,13 @@ from flask import Flask
 from entitysync_sync import BusError, ConfigError, EntityKey, EntitySync, InvalidKeyError, Publisher
 from entitysync_sync.bus.nsq import NsqBus
 from entitysync_sync.testing import LiveServer
-from tests.brokers import free_port, make_broker, seed, subscribed, until_pushed
-from tests.conftest import ROOT, Client, Server, wait_for
-from tests.tcpproxy import TcpProxy
+from tests.support.brokers import make_broker
+from tests.support.clients import Client
+from tests.support.ports import free_port
+from tests.support.pushes import seed, subscribed, until_pushed
+from tests.support.servers import ROOT, Server
+from tests.support.tcpproxy import TcpProxy
+from tests.support.waiting import wait_for
 
 
 @pytest.fixture

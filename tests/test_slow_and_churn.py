@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import socket
 
-from .conftest import Client, ServerPool, wait_for
+from tests.support.clients import Client
+from tests.support.servers import ServerPool
+from tests.support.waiting import wait_for
 
 SLOW = {"ENTITYSYNC_SEND_TIMEOUT": 1, "ENTITYSYNC_OUTBOX_LIMIT": 2000}
 BIG = 1_000_000  # characters per pushed row of the "big" entity

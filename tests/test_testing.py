@@ -8,47 +8,15 @@ import sys
 import textwrap
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
-from flask import Flask, request
+from flask import Flask
 
-from entitysync_sync import ConfigError, EntityKey, EntitySync
+from entitysync_sync import ConfigError
 from entitysync_sync.testing import LiveServer, WebSocketClient
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def make_app() -> tuple[Flask, dict[str, Any]]:
-    app = Flask(__name__)
-    es = EntitySync(app)
-    rows: dict[str, Any] = {"1": "apples"}
-
-    @es.entity("items")
-    def items(key: EntityKey, secret: Any) -> Any:
-        return None if key.id not in rows else {"id": key.id, "name": rows[key.id], "for": secret}
-
-    @es.authorize
-    def authorize(key: EntityKey, secret: Any) -> bool:
-        return key.id != "secret-only" or secret == "admin"
-
-    @es.identify
-    def identify() -> Any:
-        return request.cookies.get("user")
-
-    @app.post("/items/<id>")
-    def save(id: str) -> Any:
-        rows[id] = request.get_json()["name"]
-        es.notify("items", id)
-        return {"ok": True}
-
-    @app.delete("/items/<id>")
-    def delete(id: str) -> Any:
-        rows.pop(id, None)
-        es.notify("items", id)
-        return {"ok": True}
-
-    return app, rows
+from tests.support.live_app import make_app
+from tests.support.servers import ROOT
 
 
 @pytest.fixture
@@ -138,7 +106,7 @@ def test_a_client_can_connect_by_url(live: LiveServer) -> None:
 def test_the_pytest_plugin_runs_an_apps_own_tests(tmp_path: Path) -> None:
     (tmp_path / "conftest.py").write_text(textwrap.dedent("""
         import pytest
-        from tests.test_testing import make_app
+        from tests.support.live_app import make_app
 
         pytest_plugins = ["entitysync_sync.pytest_plugin"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 from typing import Iterable, Protocol, Sequence
 
+from ..exceptions import ConfigError
 from ..keys import EntityKey
 
 
@@ -46,6 +47,16 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     def publish(self, keys: Sequence[EntityKey]) -> None:
         """Send ``keys`` to every server of the cluster, this one included."""
+
+    def publish_entities(self, entities: Sequence[str]) -> None:
+        """Ask every server of the cluster to refresh every subscribed key of ``entities``.
+
+        Must return at once, like :meth:`publish`. Every bus made from a URL
+        implements it (:class:`~entitysync_sync.bus.BufferedBus`); a bus of
+        your own that does not raises :class:`~entitysync_sync.ConfigError`.
+        """
+        raise ConfigError(f"{type(self).__name__} cannot publish entity-wide refreshes: "
+                          "implement publish_entities(entities)")
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -15,6 +15,9 @@ Everything users rely on lives here, once:
   :func:`~entitysync_sync.protocol.encode_bus_resync` body is published for
   each once the broker is back: every server refreshes every subscribed key
   of those entities, so dropped notifications cost work, never correctness.
+  :meth:`BufferedBus.publish_entities` (``es.notify_entity``) sends the same
+  body on request; a burst of them, and the keys of those entities notified
+  meanwhile, go out as one per entity.
 * Whenever a backend (re)connects its receiving side, the sink resyncs, so
   clients converge even though nothing was received while disconnected.
 * Received bodies that are not keys are logged (their first bytes only) and
@@ -62,6 +65,7 @@ class BufferedBus(Bus):
         self.retry_min = retry_min
         self.retry_max = retry_max
         self._outbox = KeyBuffer(buffer_size)
+        self._dropped_reported = 0
         self._entities: set[str] = set()
         self._sink: BusSink | None = None
         self._executor: Executor | None = None
@@ -126,6 +130,21 @@ class BufferedBus(Bus):
             raise ConfigError(f"the {self.kind} bus is closed")
         self._outbox.add(keys)
         self.counters["published"] += len(keys)
+        if self._wake is not None:
+            self._wake.set()
+
+    def publish_entities(self, entities: Sequence[str]) -> None:
+        """Ask every server to refresh every subscribed key of ``entities``; returns at once.
+
+        Held in the publish buffer as one resync request per entity, which
+        replaces (and absorbs, until it is sent) that entity's keys.
+        """
+        if self.closed:
+            raise ConfigError(f"the {self.kind} bus is closed")
+        for entity in entities:
+            self.topic(entity)
+        self._outbox.add_entities(entities)
+        self.counters["resyncs_published"] += len(entities)
         if self._wake is not None:
             self._wake.set()
 
@@ -205,20 +224,34 @@ class BufferedBus(Bus):
 
     def _received(self, body: bytes) -> None:
         """Hand one received body to the sink; log and drop anything that is not a key."""
+        self._received_many((body,))
+
+    def _received_many(self, bodies: Sequence[bytes]) -> None:
+        """Hand the keys of many received bodies to the sink in one delivery, in order;
+        log and drop any body that is not a key."""
         sink = self._sink
         if sink is None or self.closed:
             return
-        try:
-            message = p.decode_bus_body(body)
-        except ProtocolError as exc:
-            self.counters["malformed"] += 1
-            log.warning("dropped a malformed %s bus message (%s): %r", self.kind, exc.message, body[:64])
-            return
-        self.counters["received"] += 1
-        if isinstance(message, p.ResyncRequest):
-            sink.resync(message.entity)
-        else:
-            sink.deliver([message])
+        keys: list[EntityKey] = []
+        received = 0
+        for body in bodies:
+            try:
+                message = p.decode_bus_body(body)
+            except ProtocolError as exc:
+                self.counters["malformed"] += 1
+                log.warning("dropped a malformed %s bus message (%s): %r", self.kind, exc.message, body[:64])
+                continue
+            received += 1
+            if isinstance(message, p.ResyncRequest):
+                if keys:
+                    sink.deliver(keys)
+                    keys = []
+                sink.resync(message.entity)
+            else:
+                keys.append(message)
+        self.counters["received"] += received
+        if keys:
+            sink.deliver(keys)
 
     def _connected(self, entity: str | None = None, where: str | None = None) -> None:
         """Record a (re)connection of the receiving side and resync what it may have missed.
@@ -271,12 +304,12 @@ class BufferedBus(Bus):
             self._wake.clear()
             last = self.closed
             self._sending = True  # before take(): flush() must never see an empty buffer and no send
-            keys, dropped = self._outbox.take()
-            if keys or dropped:
+            keys, resync = self._outbox.take()
+            if keys or resync:
                 try:
-                    self._send(self._batches(keys, dropped))
+                    self._send(self._batches(keys, resync))
                 except Exception as exc:
-                    self._outbox.put_back(keys, dropped)
+                    self._outbox.put_back(keys, resync)
                     self._sending = False
                     failures += 1
                     self.last_error = _describe_error(exc)
@@ -294,19 +327,21 @@ class BufferedBus(Bus):
                 failures = 0
                 self.last_error = None
                 self.counters["sent"] += len(keys)
-                if dropped:
+                self.counters["resyncs_sent"] += len(resync)
+                if self._outbox.dropped > self._dropped_reported:
+                    self._dropped_reported = self._outbox.dropped
                     log.warning("the %s publish buffer overflowed (%d keys dropped in all); "
                                 "asked every server to resync %s", self.kind, self._outbox.dropped,
-                                ", ".join(sorted(dropped)))
+                                ", ".join(sorted(resync)))
             self._sending = False
             if last:
                 return
 
-    def _batches(self, keys: Sequence[EntityKey], dropped: set[str]) -> dict[str, list[bytes]]:
+    def _batches(self, keys: Sequence[EntityKey], resync: set[str]) -> dict[str, list[bytes]]:
         batches: dict[str, list[bytes]] = {}
         for key in keys:
             batches.setdefault(self.topic(key.entity), []).append(p.encode_bus_body(key))
-        for entity in sorted(dropped):
+        for entity in sorted(resync):
             batches.setdefault(self.topic(entity), []).append(p.encode_bus_resync(entity))
         return batches
 

@@ -5,6 +5,7 @@
  *
  *   const es = new EntitySync();   // ws(s):// + the origin and path this file was served from
  *   const sub = es.subscribe("items", "100", {onPush(row) {}, onGone() {}, onError(err) {}});
+ *   es.subscribe("project_tasks", "1", {onRows(rows) {}});  // the whole current set, every time
  *   sub.unsubscribe();
  *   es.setSecret("token");         // null clears it
  *   es.on("state", (state) => {}); // "connecting" | "open" | "closed"
@@ -177,9 +178,20 @@ var EntitySync = class EntitySync {
       if (frame.error.code === "forbidden") key.denied = true;
       this._each(key, "onError", frame.error);
     } else if (key && frame.action === "push") {
-      this._each(key, "onPush", frame.body);
+      if (Array.isArray(frame.rows)) this._rows(key, frame.rows);
+      else this._each(key, "onPush", frame.body);
     } else if (key && frame.action === "gone") {
       this._each(key, "onGone");
+    }
+  }
+
+  // A set of rows (a fetch that returned a list): onRows gets the whole set, so a page
+  // can render it as it is; without onRows, onPush gets each row of it in turn.
+  _rows(key, rows) {
+    for (const sub of [...key.subs]) {
+      const {onRows, onPush} = sub.handlers;
+      if (onRows) EntitySync._call(onRows, rows);
+      else if (onPush) for (const row of rows) EntitySync._call(onPush, row);
     }
   }
 

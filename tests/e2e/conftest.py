@@ -1,4 +1,4 @@
-"""Real headless Chromium, driven with Selenium, for the end-to-end tests.
+"""Fixtures of the end-to-end tests: real headless Chromium, driven with Selenium.
 
 Chromium and its driver come from Debian (``apt-get install chromium
 chromium-driver``; ``.ci/run`` installs them). Without them these tests are
@@ -9,69 +9,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from ..conftest import ROOT
-
-CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN", "/usr/bin/chromedriver")
-ARTIFACTS = ROOT / "test-artifacts"
-FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1000,720")
-
-
-def _missing() -> str | None:
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            return f"{path} is missing: apt-get install -y chromium chromium-driver"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed: pip install -e '.[test]'"
-    return None
-
-
-class Browsers:
-    """Chromium instances started on first use and kept for the session.
-
-    Each is its own browser process with its own cookies, so two of them are
-    two users; each test starts them from a blank page with no cookies.
-    """
-
-    def __init__(self) -> None:
-        self._drivers: list[Any] = []
-
-    def get(self, index: int) -> Any:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-
-        while len(self._drivers) <= index:
-            options = webdriver.ChromeOptions()
-            options.binary_location = CHROMIUM
-            for flag in FLAGS:
-                options.add_argument(flag)
-            driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
-            driver.set_script_timeout(15)
-            self._drivers.append(driver)
-        return self._drivers[index]
-
-    def reset(self) -> None:
-        for driver in self._drivers:
-            driver.get("about:blank")
-            driver.delete_all_cookies()
-
-    def close(self) -> None:
-        for driver in self._drivers:
-            driver.quit()
+from tests.support.browsers import ARTIFACTS, Browsers, browser_missing
 
 
 @pytest.fixture(scope="session")
 def browser_pool() -> Iterator[Browsers]:
-    missing = _missing()
+    missing = browser_missing()
     if missing is not None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"the end-to-end tests need a browser under CI: {missing}", pytrace=False)
@@ -87,11 +33,3 @@ def browsers(browser_pool: Browsers) -> Iterator[Browsers]:
     """The session's browsers, each on a blank page without cookies."""
     yield browser_pool
     browser_pool.reset()
-
-
-def screenshot(driver: Any, name: str) -> Path:
-    """Save a PNG of the page into test-artifacts/ for a reviewer to look at."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    driver.save_screenshot(str(path))
-    return path

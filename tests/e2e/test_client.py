@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from ..conftest import Server, wait_for
-from .conftest import Browsers
+from tests.support.browsers import Browsers
+from tests.support.servers import Server
+from tests.support.waiting import wait_for
 
 HARNESS = """
 window.log = [];
@@ -76,6 +77,24 @@ def test_the_default_url_is_the_path_the_script_came_from(page: Any, server: Ser
     log_until(page, lambda e: e.get("row") == {"id": uid, "value": "second"})
     server.post(f"/_t/delete/items/{uid}")
     log_until(page, lambda e: e.get("gone") == f"items/{uid}")
+
+
+def test_a_set_goes_whole_to_onRows_and_row_by_row_to_onPush_without_it(page: Any, server: Server,
+                                                                        uid: str) -> None:
+    start(page)
+    server.post(f"/_t/set-quietly/lists/{uid}", {"value": ["a", "b"]})
+    server.post(f"/_t/set-quietly/lists/{uid}-p", {"value": ["c", "d"]})
+    page.execute_script("""
+        es.subscribe("lists", arguments[0], {onRows: (rows) => log.push({rows: rows.map((r) => r.member)})});
+        sub("lists", arguments[0] + "-p");""", uid)
+    log_until(page, lambda e: e.get("rows") == ["a", "b"])
+    wait_for(lambda: [r["member"] for r in pushes(page, f"lists/{uid}-p")] == ["c", "d"],
+             message="each row of the set at onPush")
+    server.set("lists", uid, ["b"])  # "a" left the set: onRows gets the set without it
+    log_until(page, lambda e: e.get("rows") == ["b"])
+    server.set("lists", uid, [])
+    log_until(page, lambda e: e.get("rows") == [])
+    assert [e["rows"] for e in log(page) if "rows" in e] == [["a", "b"], ["b"], []]
 
 
 def test_the_es_module_form_exports_the_same_client(page: Any, server: Server, uid: str) -> None:

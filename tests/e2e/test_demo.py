@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from ..brokers import RedisBroker
-from ..conftest import ROOT, Server
-from .conftest import Browsers, screenshot
+from tests.support.brokers import RedisBroker
+from tests.support.browsers import Browsers, screenshot
+from tests.support.servers import ROOT, Server
 
 APP = "example_flask:create_app()"
 LIVE = 2.0  # seconds within which an edit in one page must show in another
@@ -79,11 +79,23 @@ def open_page(driver: Any, server: Server, user: str | None = None) -> None:
 
     driver.get(server.http + "/")
     if user is not None:
-        from selenium.webdriver.support.expected_conditions import staleness_of
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
         before = driver.find_element(By.ID, "user")
         driver.find_element(By.CSS_SELECTOR, f'.who button[value="{user}"]').click()
-        wait(driver, staleness_of(before), message="the page to reload")
+
+        def reloaded(d: Any) -> bool:
+            try:
+                before.is_enabled()
+            except StaleElementReferenceException:
+                return True
+            except WebDriverException as exc:  # Chromium, mid-navigation, reports the old node this way
+                if "does not belong to the document" in str(exc):
+                    return True
+                raise
+            return False
+
+        wait(driver, reloaded, message="the page to reload")
         wait(driver, lambda d: text(d, "#user") == user, message=f"signed in as {user}")
     wait(driver, lambda d: text(d, "#state") == "open", message="the connection indicator to say open")
     ids = [tr.get_attribute("data-id") for tr in driver.find_elements(By.CSS_SELECTOR, "#items tr[data-id]")]
@@ -203,6 +215,49 @@ def test_a_user_never_receives_an_item_they_may_not_see(fresh: Server, browsers:
     wait(bob, lambda d: text(d, "#item-1 .value") == "public apples", LIVE)
     assert received(bob, "3") == [{"id": "3", "error": FORBIDDEN}]
     assert "secret plums" not in bob.page_source
+
+
+def tasks(driver: Any, list_id: int) -> list[str]:
+    """The tasks the page shows in a list, as "title" or "done title"."""
+    from selenium.webdriver.common.by import By
+
+    shown = []
+    for li in driver.find_elements(By.CSS_SELECTOR, f"#list-{list_id} li"):
+        title = li.find_element(By.CSS_SELECTOR, ".title").text.lstrip("\u2713 ")
+        shown.append(("done " if "done" in li.get_attribute("class").split() else "") + title)
+    return shown
+
+
+def test_a_live_list_follows_adds_deletes_moves_and_a_bulk_statement(fresh: Server, browsers: Browsers) -> None:
+    from selenium.webdriver.common.by import By
+
+    a, b = browsers.get(0), browsers.get(1)
+    open_page(a, fresh)
+    open_page(b, fresh)
+    for page in (a, b):
+        wait(page, lambda d: tasks(d, 1) == ["milk", "bread"] and tasks(d, 2) == ["laundry", "done dishes"],
+             message="both lists drawn from their first push")
+    # Add in one page: the other shows it.
+    a.find_element(By.CSS_SELECTOR, "#list-1 form.add input").send_keys("eggs")
+    a.find_element(By.CSS_SELECTOR, "#list-1 form.add button").click()
+    wait(b, lambda d: tasks(d, 1) == ["milk", "bread", "eggs"], LIVE, "the added task in the other page")
+    # Move: it leaves one list and joins the other, in both pages.
+    a.find_element(By.CSS_SELECTOR, '#list-1 li[data-id="1"] button.move').click()
+    wait(b, lambda d: tasks(d, 1) == ["bread", "eggs"] and tasks(d, 2) == ["milk", "laundry", "done dishes"],
+         LIVE, "the moved task in its new list only")
+    # Delete.
+    b.find_element(By.CSS_SELECTOR, '#list-1 li[data-id="2"] button.delete').click()
+    wait(a, lambda d: tasks(d, 1) == ["eggs"], LIVE, "the deleted task gone from the other page")
+    # A bulk UPDATE: no instance is loaded, and both pages still follow.
+    a.find_element(By.CSS_SELECTOR, "#list-2 button.all-done").click()
+    for page in (a, b):
+        wait(page, lambda d: tasks(d, 2) == ["done milk", "done laundry", "done dishes"], LIVE,
+             "every task of list 2 done")
+    assert tasks(b, 1) == ["eggs"]
+    assert text(b, "#list-2 .count") == "(0 to do)"
+    # What the client handed the page: the whole set, each time.
+    assert [row["title"] for row in b.execute_script("return demo.lists['2']")] == ["milk", "laundry", "dishes"]
+    screenshot(b, f"demo-lists-{fresh.kind}")
 
 
 def test_the_page_reconnects_after_a_restart_and_shows_what_changed_meanwhile(

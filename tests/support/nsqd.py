@@ -6,8 +6,8 @@ are read. The first start binds port 0; later starts reuse the ports it got, so
 ``stop()`` (or ``kill()``) then ``start()`` is nsqd going down and coming back at
 the same address, with the same ``--data-path``.
 
-Tests take the ``nsqd`` fixture (import ``nsqd_fixture`` from here); conftest can
-show :func:`describe_backend` in the pytest header.
+Tests take the ``nsqd`` fixture (defined in ``conftest.py``); conftest shows
+:func:`describe_backend` in the pytest header.
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 HOST = "127.0.0.1"
 _LISTENING = re.compile(r"(TCP|HTTP): listening on (\S+):(\d+)")
 
@@ -49,7 +47,7 @@ def describe_backend() -> str:
     binary = nsqd_binary()
     if binary:
         return f"real nsqd at {binary}"
-    return "NSQ protocol double (tests/nsqd_double.py); set NSQD_BIN to test a real nsqd"
+    return "NSQ protocol double (tests/support/nsqd_double/); set NSQD_BIN to test a real nsqd"
 
 
 class NsqdHTTPError(Exception):
@@ -87,7 +85,7 @@ class Nsqd:
     def describe(self) -> str:
         if self.is_real:
             return f"real nsqd at {self.binary}"
-        return "NSQ protocol double (tests/nsqd_double.py); set NSQD_BIN to test a real nsqd"
+        return "NSQ protocol double (tests/support/nsqd_double/); set NSQD_BIN to test a real nsqd"
 
     # Process control.
 
@@ -97,7 +95,7 @@ class Nsqd:
         if self.is_real:
             assert self.binary is not None
             return [self.binary, *flags]
-        return [sys.executable, "-m", "tests.nsqd_double", *flags]
+        return [sys.executable, "-m", "tests.support.nsqd_double", *flags]
 
     @property
     def running(self) -> bool:
@@ -219,21 +217,10 @@ class Nsqd:
 
     def topic_stats(self, topic: str) -> dict[str, Any] | None:
         """The /stats entry for ``topic``, or None if nsqd has no such topic."""
-        return next((t for t in self.stats(topic)["topics"] if t["topic_name"] == topic), None)
+        return next((t for t in self.stats(topic)["topics"] or () if t["topic_name"] == topic), None)
 
     def channel_stats(self, topic: str, channel: str) -> dict[str, Any] | None:
         found = self.topic_stats(topic)
         if found is None:
             return None
         return next((c for c in found["channels"] if c["channel_name"] == channel), None)
-
-
-@pytest.fixture(name="nsqd")
-def nsqd_fixture() -> Iterator[Nsqd]:
-    """A started nsqd (real or double) on fresh ports, stopped after the test."""
-    server = Nsqd()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()

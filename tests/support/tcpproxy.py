@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from tests.brokers import free_port
+from tests.support.ports import free_port
 
 
 class TcpProxy:
