@@ -55,10 +55,19 @@ export interface EntitySyncOptions {
   timeout?: number;
 }
 
-/** What a subscription calls. A push may carry several rows: `onPush` is called once per row. */
+/**
+ * What a subscription calls. A push carries one row (`onPush`) or a set of rows
+ * (`onRows`, the whole current set every time; without `onRows`, `onPush` is
+ * called once per row of the set, and removals cannot be seen).
+ */
 export interface SubscriptionHandlers<Row = unknown> {
   /** A row of the key, fetched for this connection's secret. */
   onPush?(row: Row): void;
+  /**
+   * The whole current set of the key (its fetch returned a list), in the
+   * fetch's order, possibly empty: render it as it is.
+   */
+  onRows?(rows: Row[]): void;
   /** The fetch returned `None`: the row does not exist (any more), or is not for this user. */
   onGone?(): void;
   /** An error about this key, e.g. `forbidden` or `fetch_failed`. */
@@ -96,7 +105,7 @@ declare class EntitySyncClient {
   readonly state: ConnectionState;
 
   /**
-   * Subscribes to one row. With push-on-subscribe (the server's default) its
+   * Subscribes to one key (a row, or a set of rows). With push-on-subscribe (the server's default) its
    * current state arrives first. Several subscriptions to one key share one
    * server subscription.
    */
@@ -132,6 +141,7 @@ export type ServerFrame<Row = unknown> =
   | { action: "ack"; ref: Ref }
   | { action: "pong"; ref: Ref | null }
   | { action: "push"; key: Key; body: Row }
+  | { action: "push"; key: Key; rows: Row[] }
   | { action: "gone"; key: Key }
   | { action: "error"; ref: Ref | null; error: ErrorInfo; key?: Key };
 

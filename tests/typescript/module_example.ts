@@ -28,6 +28,15 @@ const sub: Subscription = es.subscribe<Item>("items", 100, {
 });
 sub.unsubscribe();
 
+// A key whose fetch returns a set: onRows gets the whole current set every time.
+const list: Subscription = es.subscribe<Item>("project_tasks", 7, {
+  onRows(items) {
+    const names: string[] = items.map((item) => item.name);
+    console.log(names.join(", "));
+  },
+});
+list.unsubscribe();
+
 const stop: () => void = es.on("state", (s) => console.log(s === "open"));
 es.on("error", (error) => console.warn(error.code, error.message));
 stop();
@@ -37,12 +46,17 @@ same.close();
 // Frames, for code that speaks the protocol without the client.
 const ping: ClientFrame = { action: "ping", ref: 1 };
 const frame = JSON.parse("{}") as ServerFrame<Item>;
-if (frame.action === "push") console.log(frame.key.entity, frame.body.name);
+if (frame.action === "push") {
+  if ("rows" in frame) console.log(frame.key.entity, frame.rows.map((item) => item.name));
+  else console.log(frame.key.entity, frame.body.name);
+}
 if (frame.action === "pong") console.log(frame.ref);
 
 // What the declarations refuse.
 // @ts-expect-error: the handlers' row type is Item, which has no "price".
 es.subscribe<Item>("items", 1, { onPush: (item) => item.price });
+// @ts-expect-error: onRows gets an array of rows, not one row.
+es.subscribe<Item>("project_tasks", 7, { onRows: (items) => items.name });
 // @ts-expect-error: an id is a string or a number.
 es.subscribe("items", { id: 1 });
 // @ts-expect-error: the events are "state" and "error".
