@@ -23,9 +23,20 @@ def handlers(app: Flask) -> AppHandlers:
 
 
 def test_rows_are_compact_json_like_the_frame_around_them() -> None:
-    rows = handlers(Flask(__name__)).fetch(EntityKey("items", 1), None)
-    assert rows == ['{"name":"apples","stock":{"crates":3},"tags":["red","green"]}']
-    frame = p.encode_push(EntityKey("items", 1), rows[0])
+    row = handlers(Flask(__name__)).fetch(EntityKey("items", 1), None)
+    assert row == '{"name":"apples","stock":{"crates":3},"tags":["red","green"]}'
+    frame = p.encode_push(EntityKey("items", 1), row)
+    assert frame == json.dumps(json.loads(frame), separators=(",", ":"), sort_keys=False)
+
+
+def test_rows_of_a_set_are_compact_json_like_the_frame_around_them() -> None:
+    registry = Registry()
+    registry.add_entity("lists", lambda key, secret: [ROW, ROW])
+    rows = AppHandlers(registry, Flask(__name__), fetch_timeout=0, metrics=Metrics()).fetch(
+        EntityKey("lists", 1), None)
+    compact = '{"name":"apples","stock":{"crates":3},"tags":["red","green"]}'
+    assert rows == [compact, compact]
+    frame = p.encode_push_rows(EntityKey("lists", 1), rows)
     assert frame == json.dumps(json.loads(frame), separators=(",", ":"), sort_keys=False)
 
 
@@ -40,7 +51,7 @@ def test_a_subclass_of_the_default_provider_keeps_its_settings_and_is_compact() 
     registry = Registry()
     registry.add_entity("items", lambda key, secret: row)
     rows = AppHandlers(registry, app, 0, Metrics()).fetch(EntityKey("items", 1), None)
-    assert rows == ['{"z":"é","a":1}']
+    assert rows == '{"z":"é","a":1}'
 
 
 def test_another_provider_is_called_as_it_is() -> None:
@@ -54,4 +65,4 @@ def test_another_provider_is_called_as_it_is() -> None:
 
     app = Flask(__name__)
     app.json = Spaced(app)
-    assert handlers(app).fetch(EntityKey("items", 1), None) == [json.dumps(ROW, indent=1)]
+    assert handlers(app).fetch(EntityKey("items", 1), None) == json.dumps(ROW, indent=1)
