@@ -2,7 +2,7 @@
 
 Run from the project root (``pip install -e '.[bench]'``)::
 
-    python -m bench [--only fanout,per_user,cross,compression,routing,redis_cost] [--quick] [--help for sizes]
+    python -m bench [--only fanout,per_user,cross,compression,routing,redis_cost,pg] [--quick] [--help for sizes]
 
 The scenarios, in the order they run (see each module):
 
@@ -10,8 +10,10 @@ The scenarios, in the order they run (see each module):
 * ``per_user`` (:mod:`bench.per_user`): b. throughput and e. burst with per-user fetches;
 * ``cross`` (:mod:`bench.cross`): d. latency across two servers on Redis and NSQ, NSQ ingest;
 * ``compression`` (:mod:`bench.compression`): f. what permessage-deflate costs;
-* ``routing`` (:mod:`bench.routing`): g. entity against key routing, four servers on Redis;
-* ``redis_cost`` (:mod:`bench.redis_cost`): h. what key routing costs a Redis server of its own.
+* ``pg`` (:mod:`bench.pg`): g. what notifying from PostgreSQL costs its writers; it runs only
+  when named (``--only pg``), as it needs PostgreSQL and ``pgbench``.
+* ``routing`` (:mod:`bench.routing`): h. entity against key routing, four servers on Redis;
+* ``redis_cost`` (:mod:`bench.redis_cost`): i. what key routing costs a Redis server of its own.
 
 Results are printed (:mod:`bench.report`) and written to ``bench/results/suite.json``;
 the servers' logs go next to it.
@@ -27,8 +29,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from bench import compression, cross, fanout, per_user, redis_cost, routing
-from bench.report import PARTS, machine, report, rows_of
+from bench import compression, cross, fanout, per_user, pg, redis_cost, routing
+from bench.report import ON_REQUEST, PARTS, machine, report, rows_of
 from bench.server import RESULTS_DIR, ROOT
 
 RESULTS = RESULTS_DIR / "suite.json"
@@ -46,15 +48,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput run length (b) [5]")
     parser.add_argument("--burst", type=int, default=10000, help="notifies in the burst (e) [10000]")
     parser.add_argument("--ingest", type=int, default=50000, help="notifications published into nsqd (d) [50000]")
+    parser.add_argument("--nsq-options", default="",
+                        help="nsq:// URL query for the NSQ servers (d), e.g. output_buffer_timeout=25 [none]")
     parser.add_argument("--deflate-connections", type=int, default=2000, help="clients per server (f) [2000]")
     parser.add_argument("--deflate-notifies", type=int, default=20, help="notifies per server (f) [20]")
     parser.add_argument("--routing-notifications", type=int, default=20000,
-                        help="notifications of random keys across four servers (g) [20000]")
-    parser.add_argument("--channels", type=int, default=100000, help="key channels subscribed in Redis (h) [100000]")
-    parser.add_argument("--publishes", type=int, default=200000, help="PUBLISH commands per routing (h) [200000]")
+                        help="notifications of random keys across four servers (h) [20000]")
+    parser.add_argument("--channels", type=int, default=100000, help="key channels subscribed in Redis (i) [100000]")
+    parser.add_argument("--publishes", type=int, default=200000, help="PUBLISH commands per routing (i) [200000]")
+    pg.add_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness runs (~1 min)")
     args = parser.parse_args(argv)
-    args.only = [part for part in args.only.split(",") if part] or list(PARTS)
+    args.only = [part for part in args.only.split(",") if part] or [p for p in PARTS if p not in ON_REQUEST]
     if unknown := set(args.only) - set(PARTS):
         parser.error(f"--only: no scenario {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     if args.quick:
@@ -62,6 +67,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.seconds, args.burst, args.ingest = 1.0, 1000, 5000
         args.deflate_connections, args.deflate_notifies = 500, 3
         args.routing_notifications, args.channels, args.publishes = 2000, 10000, 20000
+        args.pg_seconds = 2
     return args
 
 
@@ -71,6 +77,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[list[dict[str, Any
     "per_user": per_user.run,
     "cross": cross.run,
     "compression": compression.run,
+    "pg": pg.run,
     "routing": routing.run,
     "redis_cost": redis_cost.run,
 }

@@ -27,11 +27,16 @@ from bench.usage import cpu_seconds
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 SUBSCRIBERS = 1000
+#: Seconds the broker's CPU is measured while both servers are connected and nothing is sent.
+IDLE_SECONDS = 5.0
 
 
 async def measure(name: str, system: System, env: dict[str, str], args: argparse.Namespace,
-                  ingest: Any = None) -> dict[str, Any]:
-    """The latency row of ``system`` on two servers started with ``env``; an error ends the row only."""
+                  ingest: Any = None, broker_pid: int | None = None) -> dict[str, Any]:
+    """The latency row of ``system`` on two servers started with ``env``; an error ends the row only.
+
+    With ``broker_pid``, also the broker's own CPU: idle, per notify while measuring
+    latency, and per notification during ingest."""
     row: dict[str, Any] = {"server": name}
     tracker = Tracker()
     path = f"/notify/{system.entity}/lat"
@@ -46,11 +51,24 @@ async def measure(name: str, system: System, env: dict[str, str], args: argparse
                                       lambda i: [(system.entity, "lat")], tracker, k * half, half)
         everyone = [c for _, conns in servers for c in conns]
         await warm_up(tracker, servers[0][0], everyone, path)
+        broker: dict[str, float] = {}
+        if broker_pid is not None:
+            cpu0, t0 = cpu_seconds(broker_pid), time.perf_counter()
+            await asyncio.sleep(IDLE_SECONDS)  # a measurement of idle time, not a wait for anything
+            broker["idle_cpu_pct"] = (cpu_seconds(broker_pid) - cpu0) / (time.perf_counter() - t0) * 100
+            cpu0 = cpu_seconds(broker_pid)
         result = await fan_out(tracker, servers[0][0], everyone, path, args.latency_repeats)
+        if broker_pid is not None:
+            broker["cpu_ms_per_notify"] = (cpu_seconds(broker_pid) - cpu0) / args.latency_repeats * 1e3
         result["cpu_us_per_frame"] = None  # two workers: see the one-server rows
         row["latency"] = result
         if ingest is not None:
+            cpu0 = cpu_seconds(broker_pid) if broker_pid is not None else 0.0
             row["ingest"] = await ingest(servers[1][0])
+            if broker_pid is not None:
+                broker["cpu_us_per_ingested"] = (cpu_seconds(broker_pid) - cpu0) / row["ingest"]["notifications"] * 1e6
+        if broker:
+            row["broker_cpu"] = broker
     return row
 
 
@@ -99,9 +117,10 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     sys.path.insert(0, str(ROOT))
     from tests.support.nsqd import Nsqd
 
-    def measure_row(name: str, system: System, env: dict[str, str], ingest: Any = None) -> Any:
+    def measure_row(name: str, system: System, env: dict[str, str], ingest: Any = None,
+                    broker_pid: int | None = None) -> Any:
         print(f"measuring latency across two servers: {name} ...", file=sys.stderr, flush=True)
-        return row_or_error(name, measure(name, system, env, args, ingest))
+        return row_or_error(name, measure(name, system, env, args, ingest, broker_pid))
 
     rows = [
         await measure_row("entitysync shared, 2 servers, redis", ES_SHARED, {"FLASK_ENTITYSYNC_BUS_URL": REDIS_URL}),
@@ -113,9 +132,13 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     nsqd.start()
     try:
         print(f"(NSQ: {nsqd.describe()})", file=sys.stderr, flush=True)
-        rows.append(await measure_row(f"entitysync shared, 2 servers, nsq ({'nsqd' if nsqd.is_real else 'double'})",
-                                      ES_SHARED, {"FLASK_ENTITYSYNC_BUS_URL": f"nsq://{nsqd.tcp_address}"},
-                                      nsq_ingest(nsqd, args.ingest)))
+        url = f"nsq://{nsqd.tcp_address}" + (f"?{args.nsq_options}" if args.nsq_options else "")
+        name = f"entitysync shared, 2 servers, nsq ({'nsqd' if nsqd.is_real else 'double'})"
+        if args.nsq_options:
+            name += f" {args.nsq_options}"
+        assert nsqd.proc is not None
+        rows.append(await measure_row(name, ES_SHARED, {"FLASK_ENTITYSYNC_BUS_URL": url},
+                                      nsq_ingest(nsqd, args.ingest), nsqd.proc.pid))
     finally:
         nsqd.close()
     return rows

@@ -1,4 +1,4 @@
-"""Scenario h: what key routing costs a Redis server of its own.
+"""Scenario i: what key routing costs a Redis server of its own.
 
 A ``redis-server`` on a free port of 127.0.0.1 (never the shared one), and
 plain sockets in this process as its clients, so that Redis's own figures

@@ -16,11 +16,13 @@ from typing import Any
 from bench.systems import ES_PER_USER, RAW, SOCKETIO
 
 #: The scenarios' parts of a result, in the order they run.
-PARTS = ("fanout", "per_user", "cross", "compression", "routing", "redis_cost")
+PARTS = ("fanout", "per_user", "cross", "compression", "pg", "routing", "redis_cost")
+#: Parts that run only when named with ``--only``.
+ON_REQUEST = ("pg",)
 
 #: The distributions whose versions the report names.
 VERSIONS = ("gevent", "flask-sock", "simple-websocket", "gunicorn", "flask", "flask-socketio", "python-socketio",
-            "python-engineio", "redis", "gnsq")
+            "python-engineio", "redis", "gnsq", "psycopg")
 
 
 def machine() -> dict[str, Any]:
@@ -116,6 +118,13 @@ def _latency(result: dict[str, Any]) -> str:
             out.append(f"   NSQ ingest into one server: {i['notifications']} notifications published straight into"
                        f" nsqd, taken in at {i['per_s']:.0f}/s ({i['cpu_us_per_notification']:.1f} us CPU each;"
                        f" publishing took {i['publish_seconds']:.2f} s of {i['seconds']:.2f} s)")
+        if "broker_cpu" in r:
+            b = r["broker_cpu"]
+            ingested = ""
+            if "cpu_us_per_ingested" in b:
+                ingested = f", {b['cpu_us_per_ingested']:.1f} us per notification taken in"
+            out.append(f"   nsqd's own CPU: {b['idle_cpu_pct']:.2f} % of a core idle (two servers connected),"
+                       f" {b['cpu_ms_per_notify']:.2f} ms per notify while measuring latency{ingested}")
     return "\n".join(filter(None, out))
 
 
@@ -156,6 +165,17 @@ def _compression(result: dict[str, Any]) -> str:
                   "wire B/frame"], rows)
 
 
+def _pg(result: dict[str, Any]) -> str:
+    forms = [r for r in result.get("pg", []) if "tps" in r]
+    writers = sorted({int(n) for r in forms for n in r["tps"]})
+    base = forms[0]["tps"] if forms else {}
+    rows = [[r["server"], *(f"{_f(_by_size(r['tps'], n), '.0f')} ({_ratio(_by_size(r['tps'], n), _by_size(base, n))})"
+                            for n in writers)] for r in forms]
+    return table(f"g. PostgreSQL: commits/s of a one-row UPDATE, {result['args'].get('pg_seconds')} s each "
+                 "(in brackets: / no notify at the same writers)",
+                 ["form", *(f"{n} writer{'s' if n > 1 else ''}" for n in writers)], rows)
+
+
 def _routing(result: dict[str, Any]) -> str:
     rows_in = [r for r in result.get("routing", []) if "routing" in r]
     entity: dict[str, Any] = next((r["routing"] for r in rows_in if r["server"].endswith("routing=entity")), {})
@@ -165,7 +185,7 @@ def _routing(result: dict[str, Any]) -> str:
         rows.append([r["server"], str(g["notifications"]), " ".join(f"{s:.0%}" for s in g["received_share"]),
                      _f(g["cluster_per_s"], ".0f"), _f(g["cpu_us_per_notification"]), _f(g["seconds"], ".2f"),
                      _ratio(g["cluster_per_s"], entity.get("cluster_per_s"))])
-    return table("g. routing: 4 servers on one Redis, each server's clients hold 1,000 of 4,000 keys; notifications"
+    return table("h. routing: 4 servers on one Redis, each server's clients hold 1,000 of 4,000 keys; notifications"
                  " of random keys published into Redis (CPU: all four workers, per notification)",
                  ["server", "notifications", "share each server received", "cluster notif/s", "CPU us/notif",
                   "seconds", "vs entity"], rows)
@@ -177,7 +197,7 @@ def _redis_cost(result: dict[str, Any]) -> str:
         c = r.get("redis_cost")
         if c:
             lines.append(
-                f"h. Redis's own cost ({r['server']}, a server of its own): {c['channels']} key channels take"
+                f"i. Redis's own cost ({r['server']}, a server of its own): {c['channels']} key channels take"
                 f" {c['bytes_per_channel_first_subscriber']:.0f} B each, plus"
                 f" {c['bytes_per_channel_second_subscriber']:.0f} B per further subscriber;"
                 f" SUBSCRIBE/UNSUBSCRIBE {c['subscribe_unsubscribe_cpu_us_per_channel']:.2f} us CPU per channel;"
@@ -196,7 +216,8 @@ def report(result: dict[str, Any]) -> str:
         "versions: " + ", ".join(f"{k} {val}" for k, val in info["versions"].items()),
         "servers: gunicorn -k gevent -w 1 each; load: one asyncio client process on the same machine",
     ])
-    tables = [t(result) for t in (_fanout, _memory, _latency, _throughput, _burst, _compression, _routing, _redis_cost)]
+    tables = [t(result) for t in (_fanout, _memory, _latency, _throughput, _burst, _compression, _pg, _routing,
+                                  _redis_cost)]
     problems = []
     for r in rows_of(result):
         if "error" in r:

@@ -1,4 +1,4 @@
-"""Scenario g: entity routing against key routing on Redis, four servers.
+"""Scenario h: entity routing against key routing on Redis, four servers.
 
 Four ``gunicorn`` servers of entitysync (shared entity) on one Redis, first
 with ``?routing=entity`` then with ``?routing=key``. 4,000 keys, spread so

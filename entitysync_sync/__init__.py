@@ -5,6 +5,8 @@ Register fetch callbacks with :class:`EntitySync`, call
 subscribed to that row, on any server, gets it fetched with its own secret.
 """
 
+__version__ = "0.1.0"
+
 from .bus import Bus as Bus
 from .bus import BusSink as BusSink
 from .bus import MemoryBus as MemoryBus
@@ -33,4 +35,5 @@ __all__ = [
     "ProtocolError",
     "Publisher",
     "UnknownEntityError",
+    "__version__",
 ]

@@ -7,6 +7,10 @@ a server: it serves no clients, so it publishes with a
 :class:`~entitysync_sync.publisher.Publisher` and subscribes to nothing, and
 ``memory://``, which reaches only the process it runs in, is refused.
 
+``flask entitysync pg-trigger items --table items`` prints the SQL of a
+trigger that notifies every write to a PostgreSQL table (``--install`` runs
+it on the database the servers listen to).
+
 ``flask entitysync stats`` cannot see a running server's counters (those live
 in each server process: ``es.stats()``, or Prometheus). It shows what a
 separate process can check honestly: the configuration, the registered
@@ -25,8 +29,10 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from .bus import bus_class
+from .bus.postgres import url_secrets
 from .exceptions import EntitySyncError
 from .keys import EntityKey
+from .postgres import install_trigger, trigger_sql
 from .publisher import Publisher
 from .runtime import EXTENSION_NAME, Runtime
 
@@ -103,6 +109,9 @@ def stats_command(as_json: bool, timeout: float) -> None:
         "entities": entities,
     }
     report.update(probe(settings.bus_url, [settings.topic_prefix + entity for entity in entities], timeout))
+    listener = runtime.pg_listener
+    if listener is not None and settings.pg_listen_url is not None:
+        report["pg_listen"] = {"bus": listener.describe(), **probe(settings.pg_listen_url, [], timeout)}
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -113,8 +122,52 @@ def stats_command(as_json: bool, timeout: float) -> None:
         click.echo(f"reachable:    {_yes_no(report['reachable'])}{_detail(report)}")
         for topic, count in report.get("subscribers", {}).items():
             click.echo(f"  {topic}: {count} server process(es) subscribed")
-    if report["reachable"] is False:
+        if "pg_listen" in report:
+            listen = report["pg_listen"]
+            click.echo(f"pg listen:    {listen['bus']}")
+            click.echo(f"reachable:    {_yes_no(listen['reachable'])}{_detail(listen)}")
+    if report["reachable"] is False or report.get("pg_listen", {}).get("reachable") is False:
         raise SystemExit(1)
+
+
+@cli.command("pg-trigger")
+@click.argument("entity")
+@click.option("--table", required=True, help="The table (or schema.table) whose rows ENTITY's ids name.")
+@click.option("--id-column", default="id", show_default=True, help="The column that holds the id.")
+@click.option("--install", is_flag=True,
+              help="Run the SQL on the database the servers listen to, instead of printing it.")
+def pg_trigger_command(entity: str, table: str, id_column: str, install: bool) -> None:
+    """Print (or --install) a PostgreSQL trigger that notifies ENTITY for every write to --table.
+
+    Every INSERT, UPDATE and DELETE then reaches the subscribers, whoever
+    wrote it (psql, a migration, another service). The SQL is idempotent and
+    suits a migration; it uses the app's ENTITYSYNC_TOPIC_PREFIX.
+    """
+    runtime = _runtime()
+    settings = runtime.settings
+    if entity not in runtime.registry.entities:
+        known = ", ".join(sorted(runtime.registry.entities)) or "none"
+        raise click.ClickException(f"no entity {entity!r} is registered in this app (registered: {known})")
+    database = runtime.listened_database()
+    if install and database is None:
+        raise click.ClickException(
+            "--install needs the database the servers listen to: set ENTITYSYNC_BUS_URL (or, "
+            "beside another bus, ENTITYSYNC_PG_LISTEN_URL) to a postgresql:// URL")
+    url = settings.pg_listen_url or settings.bus_url
+    try:
+        if not install:
+            click.echo(trigger_sql(entity, table, id_column, settings.topic_prefix), nl=False)
+            return
+        install_trigger(url, entity, table, id_column, settings.topic_prefix)
+    except EntitySyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # psycopg's errors: the server's message, never the URL's password
+        message = str(exc)
+        for secret in url_secrets(url):
+            message = message.replace(secret, "***")
+        raise click.ClickException(f"installing the trigger on {database.describe()} failed: {message}") from None
+    click.echo(f"installed the trigger of {entity} on {table} in {database.describe()}; "
+               f"it notifies channel {database.topic(entity)!r}")
 
 
 def _yes_no(value: bool | None) -> str:

@@ -161,6 +161,9 @@ class Connection:
             self._unsubscribe(msg.key, msg.ref)
         elif isinstance(msg, p.SetSecret):
             self._set_secret(msg.secret, msg.ref)
+        elif isinstance(msg, p.Ping):
+            if self._limits.envelope:
+                self._enqueue(p.encode_pong(msg.ref))
         else:
             self._pass_through(msg.raw)
 

@@ -3,7 +3,8 @@
 :func:`endpoint_blueprint` builds the blueprint that
 :meth:`EntitySync.init_app <entitysync_sync.EntitySync.init_app>` registers:
 the websocket route at ``ENTITYSYNC_PATH`` (through flask-sock), and the
-browser client at that path plus ``client.js`` and ``client.mjs``. A client
+browser client at that path plus ``client.js`` and ``client.mjs``, with its
+TypeScript declarations at ``client.d.ts``. A client
 frame goes from here to :meth:`Connection.receive
 <entitysync_sync.connection.Connection.receive>`; frames to the client are
 written by the connection through :mod:`entitysync_sync.transport`.
@@ -41,6 +42,7 @@ def endpoint_blueprint(settings: Settings) -> Blueprint:
     Sock().route(settings.path, bp=blueprint)(serve)
     blueprint.add_url_rule(settings.path + "client.js", "client_js", _client_script)
     blueprint.add_url_rule(settings.path + "client.mjs", "client_mjs", _client_module)
+    blueprint.add_url_rule(settings.path + "client.d.ts", "client_d_ts", _client_types)
     return blueprint
 
 
@@ -99,19 +101,21 @@ def _converse(runtime: Runtime, transport: WebSocketTransport) -> None:
         conn.close()
 
 
-_CLIENT_JS = Path(__file__).with_name("static") / "entitysync.js"
+_STATIC = Path(__file__).with_name("static")
 _MODULE_EXPORTS = "\nEntitySync.src = import.meta.url;\nexport { EntitySync };\nexport default EntitySync;\n"
 
 
-@lru_cache(maxsize=2)
-def _client_source(module: bool) -> str:
-    source = _CLIENT_JS.read_text(encoding="utf-8")
-    return source + _MODULE_EXPORTS if module else source
+@lru_cache(maxsize=3)
+def _client_source(name: str) -> str:
+    if name == "client.d.ts":
+        return (_STATIC / "entitysync.d.ts").read_text(encoding="utf-8")
+    source = (_STATIC / "entitysync.js").read_text(encoding="utf-8")
+    return source + _MODULE_EXPORTS if name == "client.mjs" else source
 
 
-def _client_response(module: bool) -> Response:
-    source = _client_source(module)
-    response = current_app.response_class(source, mimetype="text/javascript")
+def _client_response(name: str, content_type: str = "text/javascript; charset=utf-8") -> Response:
+    source = _client_source(name)
+    response = current_app.response_class(source, content_type=content_type)
     response.set_etag(sha256(source.encode()).hexdigest()[:32])
     # The URL does not change when the package is upgraded: browsers keep
     # the file but revalidate it, which costs a 304 while it is unchanged.
@@ -121,12 +125,17 @@ def _client_response(module: bool) -> Response:
 
 def _client_script() -> Response:
     """The browser client as a plain script defining the global ``EntitySync``."""
-    return _client_response(module=False)
+    return _client_response("client.js")
 
 
 def _client_module() -> Response:
     """The browser client as an ES module exporting ``EntitySync``."""
-    return _client_response(module=True)
+    return _client_response("client.mjs")
+
+
+def _client_types() -> Response:
+    """The browser client's TypeScript declarations."""
+    return _client_response("client.d.ts", "application/typescript; charset=utf-8")
 
 
 def _check_origin(allowed: frozenset[str] | None) -> None:

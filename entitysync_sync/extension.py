@@ -41,47 +41,15 @@ class EntitySync:
 
         es.notify("items", 100)   # after changing item 100, from any view
 
-    Configuration keys, read by :meth:`init_app` (defaults in brackets):
+    :meth:`init_app` reads the ``ENTITYSYNC_*`` keys of ``app.config``
+    (``ENTITYSYNC_PATH``, ``ENTITYSYNC_BUS_URL``, the limits...). Each is
+    defined once, with its default, its check and its meaning, in
+    :data:`entitysync_sync.settings.SETTINGS`; the documentation's
+    :doc:`configuration page </configuration>` lists them all. A bad value
+    raises :class:`~entitysync_sync.ConfigError` naming the key.
 
-    ``ENTITYSYNC_PATH`` [``"/ws/entity-sync/"``]
-        URL of the websocket endpoint. The browser client is served at this
-        path plus ``client.js`` (a plain script) and ``client.mjs`` (an ES module).
-    ``ENTITYSYNC_BUS_URL`` [``"memory://"``]
-        The bus between servers. ``memory://`` reaches only this process.
-    ``ENTITYSYNC_PUSH_ON_SUBSCRIBE`` [``True``]
-        Push the current state as soon as a client subscribes.
-    ``ENTITYSYNC_ENVELOPE`` [``True``]
-        Wrap rows in ``push``/``gone`` frames and send acks and errors;
-        ``False`` sends each row's JSON alone, as the Go entity-sync did.
-    ``ENTITYSYNC_MAX_SUBSCRIPTIONS`` [``1000``]
-        Subscriptions one connection may hold.
-    ``ENTITYSYNC_MAX_MESSAGE_BYTES`` [``4096``]
-        Largest client frame; a larger one closes the connection with 1009.
-    ``ENTITYSYNC_OUTBOX_LIMIT`` [``1048576``]
-        Characters of frames one connection may have waiting to be written;
-        past it the client is too slow and is closed with 1008.
-    ``ENTITYSYNC_SEND_TIMEOUT`` [``10.0``]
-        Seconds one frame may take to write before the client is closed with 1008.
-    ``ENTITYSYNC_COMPRESSION`` [``False``]
-        Accept permessage-deflate when a client offers it.
-    ``ENTITYSYNC_PUBLISH_BUFFER`` [``10000``]
-        Distinct keys the bus may hold unpublished (e.g. while the broker is
-        down); past it, keys are dropped and every server resyncs their entities.
-    ``ENTITYSYNC_TOPIC_PREFIX`` [``""``]
-        Prefix of every NSQ topic or Redis channel, so apps can share a broker.
-    ``ENTITYSYNC_ALLOWED_ORIGINS`` [``None``]
-        Origins besides the app's own whose pages may open the websocket
-        (a list, or ``"*"``); other origins get HTTP 403.
-    ``ENTITYSYNC_PING_INTERVAL`` [``25.0``]
-        Seconds between pings; a client that missed the last one is closed.
-    ``ENTITYSYNC_FETCH_TIMEOUT`` [``10.0``]
-        Seconds a fetch may take before it is abandoned as failed.
-    ``ENTITYSYNC_FETCH_RETRY_MAX`` [``30.0``]
-        Longest pause between retries of a failed fetch (0: no retries).
-    ``ENTITYSYNC_RATE_LIMIT`` [``200.0``]
-        Client frames per second allowed on average; past it, close 1008.
-    ``ENTITYSYNC_RATE_BURST`` [``2000``]
-        Client frames allowed at once after a quiet spell.
+    ``bus`` takes a :class:`~entitysync_sync.Bus` instance instead of
+    ``ENTITYSYNC_BUS_URL`` (for one app only).
     """
 
     def __init__(self, app: Flask | None = None, *, bus: Bus | None = None) -> None:
@@ -212,11 +180,18 @@ class EntitySync:
         self._watcher().unwatch(model)
 
     def _watcher(self) -> Watcher:
-        return watcher_for(self, self.notify_many, self._notify_entities)
+        return watcher_for(self, self.notify_many, self._notify_entities, self._listened_database)
 
     def _notify_entities(self, entities: list[str] | None) -> None:
         """An entity-wide refresh of ``entities``, or of every registered entity (None)."""
         self.notify_entity(*(sorted(self._registry.entities) if entities is None else entities))
+
+    def _listened_database(self) -> Any:
+        """The PostgreSQL bus this process receives from, for ``watch``'s in-transaction notifications."""
+        try:
+            return self.runtime().listened_database()
+        except ConfigError:  # not registered on an app (yet): notify_many will say so
+            return None
 
     # -- the runtime of each app -----------------------------------------------
 
@@ -260,7 +235,7 @@ class EntitySync:
 
     def stats(self, app: Flask | None = None) -> dict[str, Any]:
         """Counters and gauges of this process: connections, notifications,
-        fetches, pushes, latencies and the bus (see the README's Observability)."""
+        fetches, pushes, latencies and the bus (see :doc:`/observability`)."""
         return self.runtime(app).stats()
 
     def close(self, app: Flask | None = None) -> None:

@@ -140,9 +140,11 @@ class MeteredSink:
         self._get_hub().resync(entity)
 
 
-def collect(hub: Hub, bus: Bus, metrics: Metrics) -> dict[str, Any]:
-    """The figures of :meth:`EntitySync.stats() <entitysync_sync.EntitySync.stats>`."""
+def collect(hub: Hub, bus: Bus, metrics: Metrics, pg_listener: Bus | None = None) -> dict[str, Any]:
+    """The figures of :meth:`EntitySync.stats() <entitysync_sync.EntitySync.stats>`; ``pg_listen``
+    holds those of the listener on ``ENTITYSYNC_PG_LISTEN_URL``, if there is one."""
     bus_stats = bus.stats()
+    listener = {} if pg_listener is None else {"pg_listen": pg_listener.stats()}
     return {
         "connections": hub.connection_count,
         "subscriptions": hub.subscription_count,
@@ -153,4 +155,5 @@ def collect(hub: Hub, bus: Bus, metrics: Metrics) -> dict[str, Any]:
         "bus_dropped": bus_stats.get("dropped", 0),
         "bus_publish_failures": bus_stats.get("publish_failures", 0),
         "bus": bus_stats,
+        **listener,
     }

@@ -42,6 +42,16 @@ under that name, say) is logged, not raised, and so is a ``keys=`` (or
 keys, as a :class:`~entitysync_sync.exceptions.ConfigError` naming the model:
 the commit goes ahead, and raising from ``commit()`` would tell the caller
 it had not.
+
+Inside the transaction, on PostgreSQL: when the flush runs on the database
+this process listens to (a ``postgresql://`` bus, or
+``ENTITYSYNC_PG_LISTEN_URL``), the keys are sent with ``pg_notify`` on the
+flush's own connection, after each flush, instead of after the commit.
+PostgreSQL delivers them if and only if the transaction commits (a rolled-back
+savepoint drops its own), so no crash between commit and publish can lose
+them. The database is recognised by its name and its server's start time,
+read once per engine (again after the server restarts); until the listener is
+connected, keys go after the commit as elsewhere.
 """
 
 from __future__ import annotations
@@ -50,8 +60,9 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
+from . import protocol as p
 from .exceptions import ConfigError
 from .keys import EntityKey, IdLike, KeyLike, validate_entity
 
@@ -200,7 +211,8 @@ class Watcher:
     """
 
     def __init__(self, notify_many: Callable[[list[EntityKey]], None],
-                 notify_entities: Callable[[list[str] | None], None]) -> None:
+                 notify_entities: Callable[[list[str] | None], None],
+                 listened_database: Callable[[], ListenedDatabase | None] = lambda: None) -> None:
         self._notify_many = notify_many
         self._notify_entities = notify_entities
         self._lock = threading.Lock()
@@ -209,6 +221,7 @@ class Watcher:
         self._listening = False
         self._warned: set[type[Any]] = set()
         self._previous_kept: set[Any] = set()
+        self._in_transaction = _InTransaction(listened_database, f"entitysync_sync.flushed.{id(self)}")
 
     def watch(self, model: type[Any], entity: EntitySpec = None, id: IdSpec = None, *,
               keys: KeysSpec = None, entities: Iterable[str] | None = None) -> None:
@@ -248,6 +261,7 @@ class Watcher:
                 event.listen(session, "after_soft_rollback", self._after_soft_rollback)
                 event.listen(session, "after_transaction_end", self._after_transaction_end)
                 event.listen(session, "do_orm_execute", self._orm_execute)
+                event.listen(session, "after_flush", self._in_transaction.after_flush)
                 self._listening = True
             if model not in self._watches:
                 self._watches[model] = []
@@ -293,7 +307,7 @@ class Watcher:
     # -- collecting during the flush ------------------------------------------
 
     def _inserted(self, mapper: Any, connection: Any, instance: Any) -> None:
-        self._written(mapper, instance, previous=False)
+        self._written(mapper, connection, instance, previous=False)
 
     def _updated(self, mapper: Any, connection: Any, instance: Any) -> None:
         from sqlalchemy.orm import object_session
@@ -301,25 +315,27 @@ class Watcher:
         session = object_session(instance)
         # after_update fires for every dirty instance, even one whose values did not change.
         if session is not None and session.is_modified(instance):
-            self._written(mapper, instance, previous=True)
+            self._written(mapper, connection, instance, previous=True)
 
     def _deleted(self, mapper: Any, connection: Any, instance: Any) -> None:
-        self._written(mapper, instance, previous=True)
+        self._written(mapper, connection, instance, previous=True)
 
-    def _written(self, mapper: Any, instance: Any, previous: bool) -> None:
+    def _written(self, mapper: Any, connection: Any, instance: Any, previous: bool) -> None:
         from sqlalchemy.orm import object_session
 
         session = object_session(instance)
         if session is None:  # pragma: no cover - the unit of work always has a session
             return
-        pending = self._pending(session, create=True)
+        written: dict[EntityKey, None] = {}
         old = _previous_values(instance) if previous else {}
         for watch in self._watches_of(type(instance)):
             try:
                 for target in (instance, _Previous(instance, old)) if old else (instance,):
-                    pending.keys.update(dict.fromkeys(watch.keys(target, mapper)))
+                    written.update(dict.fromkeys(watch.keys(target, mapper)))
             except Exception as exc:  # reported once per watch and row, never raised into the flush
                 self._report(watch, exc)
+        pending = self._pending(session, create=True)
+        pending.keys.update(dict.fromkeys(self._in_transaction.take(session, connection, list(written))))
 
     def _report(self, watch: _Watch, exc: Exception) -> None:
         """Log a watch whose keys could not be computed; the flush and the commit go on."""
@@ -409,6 +425,7 @@ class Watcher:
             log.exception("notifying %d key(s) after a commit failed", len(keys))
 
     def _after_soft_rollback(self, session: Any, previous_transaction: Any) -> None:
+        session.info.pop(self._in_transaction.info_key, None)  # a flush that failed before after_flush
         frames = session.info.get(self._info_key)
         if frames:
             frames.pop(previous_transaction, None)
@@ -420,15 +437,75 @@ class Watcher:
             frames.pop(transaction, None)
 
 
+class ListenedDatabase(Protocol):
+    """The PostgreSQL bus a server receives from (:class:`~entitysync_sync.bus.postgres.PostgresBus`)."""
+
+    database_identity: tuple[str, str] | None
+
+    def topic(self, entity: str) -> str:
+        """The channel of ``entity``."""
+
+
+_IDENTITY = "SELECT current_database(), pg_postmaster_start_time()::text"
+_NOTIFY = "SELECT pg_notify(c, b) FROM unnest(CAST(:c AS text[]), CAST(:b AS text[])) AS n(c, b)"
+
+
+class _InTransaction:
+    """Sends the keys a flush wrote with ``pg_notify`` on the flush's connection, when that
+    connection reaches the database the servers listen to."""
+
+    def __init__(self, listened_database: Callable[[], ListenedDatabase | None], info_key: str) -> None:
+        self._listened_database = listened_database
+        self.info_key = info_key
+        # engine -> (its database's identity, the listener's identity it was compared with)
+        self._identities: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], tuple[str, str]]] = (
+            weakref.WeakKeyDictionary())
+
+    def take(self, session: Any, connection: Any, keys: list[EntityKey]) -> list[EntityKey]:
+        """Keep the ``keys`` that can go inside the transaction; return the others."""
+        database = self._database(connection) if keys else None
+        if database is None:
+            return keys
+        rest = []
+        flushed = session.info.setdefault(self.info_key, {}).setdefault(connection, {})
+        for key in keys:
+            try:
+                flushed[key] = database.topic(key.entity)
+            except ConfigError:  # a prefix plus entity too long: after the commit, which logs why
+                rest.append(key)
+        return rest
+
+    def after_flush(self, session: Any, flush_context: Any) -> None:
+        from sqlalchemy import text
+
+        for connection, keys in session.info.pop(self.info_key, {}).items():
+            bodies = [p.encode_bus_body(EntityKey(key.entity, key.id)).decode() for key in keys]
+            connection.execute(text(_NOTIFY), {"c": list(keys.values()), "b": bodies})
+
+    def _database(self, connection: Any) -> ListenedDatabase | None:
+        if connection.dialect.name != "postgresql":
+            return None
+        database = self._listened_database()
+        listening = database.database_identity if database is not None else None
+        if listening is None:
+            return None
+        engine = connection.engine
+        known = self._identities.get(engine)
+        if known is None or known[1] != listening:
+            known = self._identities[engine] = (tuple(connection.exec_driver_sql(_IDENTITY).one()), listening)
+        return database if known[0] == listening else None
+
+
 _watchers: weakref.WeakKeyDictionary[object, Watcher] = weakref.WeakKeyDictionary()
 _watchers_lock = threading.Lock()
 
 
 def watcher_for(owner: object, notify_many: Callable[[list[EntityKey]], None],
-                notify_entities: Callable[[list[str] | None], None]) -> Watcher:
+                notify_entities: Callable[[list[str] | None], None],
+                listened_database: Callable[[], ListenedDatabase | None] = lambda: None) -> Watcher:
     """The :class:`Watcher` of ``owner`` (an ``EntitySync``), made on first use."""
     with _watchers_lock:
         watcher = _watchers.get(owner)
         if watcher is None:
-            watcher = _watchers[owner] = Watcher(notify_many, notify_entities)
+            watcher = _watchers[owner] = Watcher(notify_many, notify_entities, listened_database)
         return watcher

@@ -3,8 +3,8 @@
 Three kinds of payload cross the wire:
 
 * client frames (browser to server), decoded by :func:`decode_client_frame`
-  into :class:`Subscribe`, :class:`Unsubscribe`, :class:`SetSecret` or
-  :class:`PassThrough`;
+  into :class:`Subscribe`, :class:`Unsubscribe`, :class:`SetSecret`,
+  :class:`Ping` or :class:`PassThrough`;
 * server frames (server to browser), built by the ``encode_*`` functions;
 * bus bodies (server to server), ``{"entity":"items","id":"100"}``, the same
   bytes the Go entity-sync publishes, built by :func:`encode_bus_body` and
@@ -84,13 +84,20 @@ class SetSecret:
 
 
 @dataclass(frozen=True)
+class Ping:
+    """``{"action":"ping"}``: the client's heartbeat, answered by ``{"action":"pong"}``."""
+
+    ref: Ref = None
+
+
+@dataclass(frozen=True)
 class PassThrough:
     """A JSON object with no ``"action"``: handed to ``@es.on_message`` as sent."""
 
     raw: str
 
 
-ClientMessage = Subscribe | Unsubscribe | SetSecret | PassThrough
+ClientMessage = Subscribe | Unsubscribe | SetSecret | Ping | PassThrough
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -145,11 +152,13 @@ def decode_client_frame(data: str | bytes) -> ClientMessage:
         if secret is not None and not isinstance(secret, str):
             raise ProtocolError(BAD_MESSAGE, '"body" of a secret frame must be a string or null', ref)
         return SetSecret(secret, ref)
+    if action == "ping":
+        return Ping(ref)
     if not isinstance(action, str):
         raise ProtocolError(BAD_MESSAGE, '"action" must be a string', ref)
     raise ProtocolError(
         UNKNOWN_ACTION,
-        f"unknown action {action[:64]!r}: use subscribe, unsubscribe or secret",
+        f"unknown action {action[:64]!r}: use subscribe, unsubscribe, secret or ping",
         ref,
     )
 
@@ -203,6 +212,11 @@ def encode_fetch_failed(key: EntityKey, message: str, envelope: bool = True) -> 
 def encode_ack(ref: Ref) -> str:
     """The frame acknowledging the client frame that carried ``ref``."""
     return _dumps({"action": "ack", "ref": ref})
+
+
+def encode_pong(ref: Ref) -> str:
+    """The answer to a ``ping``; it carries the ping's ``ref`` (``null`` when it had none)."""
+    return _dumps({"action": "pong", "ref": ref})
 
 
 def encode_error(code: str, message: str, ref: Ref = None, key: EntityKey | None = None) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from .concurrency import call_with_timeout
 from .exceptions import ConfigError, FetchTimeoutError
@@ -130,4 +131,9 @@ class AppHandlers:
             return row
         if isinstance(row, (bytes, bytearray)):
             return bytes(row).decode("utf-8")
-        return self._app.json.dumps(row)
+        provider = self._app.json
+        if type(provider).dumps is DefaultJSONProvider.dumps:
+            # Compact, like the envelope around it. Another provider (orjson, say)
+            # may not take json.dumps's arguments, and keeps its own format.
+            return provider.dumps(row, separators=(",", ":"))
+        return provider.dumps(row)

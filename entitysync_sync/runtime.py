@@ -60,6 +60,8 @@ class Runtime:
         )
         self._bus_given = bus is not None
         self.bus = bus if bus is not None else self._make_bus()
+        #: A second, receive-only bus on ``ENTITYSYNC_PG_LISTEN_URL``, or None.
+        self.pg_listener = self._make_pg_listener()
         self._build()
         self._start = OncePerProcess()
         self.closed = False
@@ -76,6 +78,24 @@ class Runtime:
     def _make_bus(self) -> Bus:
         return bus_from_url(self.settings.bus_url, buffer_size=self.settings.publish_buffer,
                             topic_prefix=self.settings.topic_prefix)
+
+    def _make_pg_listener(self) -> Bus | None:
+        url = self.settings.pg_listen_url
+        if url is None:
+            return None
+        return bus_from_url(url, buffer_size=self.settings.publish_buffer, topic_prefix=self.settings.topic_prefix)
+
+    def receiving_buses(self) -> list[Bus]:
+        """The bus, and the PostgreSQL listener if there is one: every bus this process receives from."""
+        return [self.bus] if self.pg_listener is None else [self.bus, self.pg_listener]
+
+    def listened_database(self) -> Any:
+        """The PostgreSQL bus this process receives from (the bus, or the listener on
+        ``ENTITYSYNC_PG_LISTEN_URL``), for notifications sent inside transactions; or None."""
+        for bus in self.receiving_buses():
+            if hasattr(bus, "database_identity"):
+                return bus
+        return None
 
     # -- start -----------------------------------------------------------------
 
@@ -97,10 +117,15 @@ class Runtime:
                 )
             log.info("process forked after the bus started; starting a fresh bus")
             self.bus = self._make_bus()
+            self.pg_listener = self._make_pg_listener()
             self._build()
-        self.bus.start(MeteredSink(lambda: self.hub, self.metrics), sorted(self.registry.entities))
+        sink = MeteredSink(lambda: self.hub, self.metrics)
+        self.bus.start(sink, sorted(self.registry.entities))
         atexit.register(self.bus.close)  # a last attempt to publish what is buffered
         log.info("entitysync started in process %d on %s", os.getpid(), self.bus.describe())
+        if self.pg_listener is not None:
+            self.pg_listener.start(sink, sorted(self.registry.entities))
+            log.info("entitysync also listens to %s", self.pg_listener.describe())
         self.tasks.spawn(self._sweep)
         workers = _gunicorn_workers()  # a scan of the heap: once per process
         if workers is not None:
@@ -113,7 +138,8 @@ class Runtime:
 
     def _entity_added(self, name: str) -> None:
         if self._start.started:
-            self.bus.add_entity(name)
+            for bus in self.receiving_buses():
+                bus.add_entity(name)
 
     # -- notify ----------------------------------------------------------------
 
@@ -130,7 +156,7 @@ class Runtime:
 
     def stats(self) -> dict[str, Any]:
         """The figures of :meth:`EntitySync.stats() <entitysync_sync.EntitySync.stats>`."""
-        return collect(self.hub, self.bus, self.metrics)
+        return collect(self.hub, self.bus, self.metrics, self.pg_listener)
 
     # -- housekeeping ----------------------------------------------------------
 
@@ -186,7 +212,8 @@ class Runtime:
         """
         self.closed = True
         self.hub.close_all(p.CLOSE_GOING_AWAY, "server shutting down")
-        self.bus.close()
+        for bus in self.receiving_buses():
+            bus.close()
         return self.tasks.close(timeout)
 
 

@@ -1,38 +1,220 @@
-"""The ``ENTITYSYNC_*`` configuration keys, their defaults and their checks."""
+"""The ``ENTITYSYNC_*`` configuration keys: each defined once, with its default, check and meaning.
+
+:data:`SETTINGS` is the one place a key is defined. :func:`load_settings`
+fills in the defaults and checks every value, and the documentation's
+configuration page is generated from the same list, so the two never differ.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, MutableMapping
+from typing import Any, Callable, MutableMapping
+from urllib.parse import urlsplit
 
 from .exceptions import ConfigError
 from .keys import check_topic_prefix
 
-#: Every configuration key with its default; documented in the README.
-DEFAULTS: dict[str, Any] = {
-    "ENTITYSYNC_PATH": "/ws/entity-sync/",
-    "ENTITYSYNC_BUS_URL": "memory://",
-    "ENTITYSYNC_PUSH_ON_SUBSCRIBE": True,
-    "ENTITYSYNC_ENVELOPE": True,
-    "ENTITYSYNC_MAX_SUBSCRIPTIONS": 1000,
-    "ENTITYSYNC_MAX_MESSAGE_BYTES": 4096,
-    "ENTITYSYNC_OUTBOX_LIMIT": 1 << 20,
-    "ENTITYSYNC_SEND_TIMEOUT": 10.0,
-    "ENTITYSYNC_COMPRESSION": False,
-    "ENTITYSYNC_PUBLISH_BUFFER": 10_000,
-    "ENTITYSYNC_TOPIC_PREFIX": "",
-    "ENTITYSYNC_ALLOWED_ORIGINS": None,
-    "ENTITYSYNC_PING_INTERVAL": 25.0,
-    "ENTITYSYNC_FETCH_TIMEOUT": 10.0,
-    "ENTITYSYNC_FETCH_RETRY_MAX": 30.0,
-    "ENTITYSYNC_RATE_LIMIT": 200.0,
-    "ENTITYSYNC_RATE_BURST": 2000,
-}
+Check = Callable[[Any, str], Any]
+"""``check(value, key)`` returns the checked value or raises :class:`ConfigError` naming ``key``.
+
+Its docstring's first line says, for the documentation, what values it accepts.
+"""
+
+
+def _path(value: Any, key: str) -> str:
+    """A URL path starting and, by convention, ending with ``/``."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ConfigError(f"{key} must be a URL path starting with '/', got {value!r}")
+    return value
+
+
+def _bus_url(value: Any, key: str) -> str:
+    """A bus URL: ``memory://``, ``redis://...``, ``rediss://...``, ``nsq://...`` or ``postgresql://...``."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string such as 'memory://'")
+    return value
+
+
+def _pg_url(value: Any, key: str) -> str | None:
+    """``None``, or a ``postgresql://`` (or ``postgres://``) URL."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or urlsplit(value).scheme not in ("postgresql", "postgres"):
+        shown = f"a URL with scheme {urlsplit(value).scheme or '(none)'}" if isinstance(value, str) else repr(value)
+        raise ConfigError(f"{key} must be None or a postgresql:// URL, got {shown}")
+    try:
+        urlsplit(value).port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{key} has a port that is not a number") from None
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    """``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be True or False, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any, key: str) -> int:
+    """A positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_number(value: Any, key: str) -> float:
+    """A positive number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _seconds_or_off(value: Any, key: str) -> float:
+    """A number of seconds, or ``0`` to turn it off."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{key} must be a number of seconds, or 0 to turn it off, got {value!r}")
+    return float(value)
+
+
+def _rate(value: Any, key: str) -> float:
+    """A number of frames per second, or ``0`` to turn it off."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{key} must be a number of frames per second, or 0 to turn it off, got {value!r}")
+    return float(value)
+
+
+def _topic_prefix(value: Any, key: str) -> str:
+    """Empty, or up to 64 characters from ``A-Za-z0-9_.-``."""
+    return check_topic_prefix(value)
+
+
+def _origins(value: Any, key: str) -> frozenset[str] | None:
+    """``None``, ``"*"``, or a list of origins such as ``["https://app.example.com"]``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"{key} must be None (same origin only), '*' or a list of origins such as "
+            f"['https://app.example.com'], got {value!r}"
+        )
+    return frozenset(v.rstrip("/").lower() for v in value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration key: its default, how its value is checked, and what it means.
+
+    ``doc`` is reStructuredText; the documentation's configuration page shows it as written.
+    """
+
+    key: str
+    default: Any
+    check: Check
+    doc: str
+
+    @property
+    def field(self) -> str:
+        """The :class:`Settings` attribute that holds the checked value."""
+        return self.key.removeprefix("ENTITYSYNC_").lower()
+
+    @property
+    def accepts(self) -> str:
+        """What values the check accepts, in words (the first line of its docstring)."""
+        return (self.check.__doc__ or "").strip().splitlines()[0]
+
+
+#: Every configuration key, in the order the documentation lists them.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("ENTITYSYNC_PATH", "/ws/entity-sync/", _path, """
+        URL of the websocket endpoint. The browser client is served beside it, at
+        this path plus ``client.js`` (a plain script), ``client.mjs`` (an ES module)
+        and ``client.d.ts`` (its TypeScript declarations)."""),
+    Setting("ENTITYSYNC_BUS_URL", "memory://", _bus_url, """
+        The bus between servers; see :doc:`/deployment`. ``memory://`` is in-process
+        and private to this app (``memory://NAME`` is shared by the apps of one
+        process that use the same name) and **reaches only the process it runs in**;
+        a warning is logged when gunicorn runs several workers with it.
+        ``redis://host:6379/0`` (or ``rediss://``) and ``nsq://host:4150`` reach
+        every worker and server; ``postgresql://user@host:5432/db`` uses the
+        database's LISTEN/NOTIFY (see :doc:`/postgresql`). An unsupported scheme
+        raises :class:`~entitysync_sync.ConfigError`."""),
+    Setting("ENTITYSYNC_PUSH_ON_SUBSCRIBE", True, _bool, """
+        Push the current state as soon as a client subscribes (and again after a
+        secret change), so clients never wait for the next change."""),
+    Setting("ENTITYSYNC_ENVELOPE", True, _bool, """
+        Wrap rows in ``push`` and ``gone`` frames and send acks, pongs and error
+        frames (see :doc:`/protocol`). ``False`` speaks exactly like the Go
+        entity-sync: each row's JSON alone in its frame; no envelope, no acks, no
+        error frames, nothing for ``gone``. The browser client needs it on."""),
+    Setting("ENTITYSYNC_MAX_SUBSCRIPTIONS", 1000, _positive_int, """
+        Subscriptions one connection may hold; more get ``too_many_subscriptions``."""),
+    Setting("ENTITYSYNC_MAX_MESSAGE_BYTES", 4096, _positive_int, """
+        Largest client frame, in bytes; a larger one closes the connection with 1009."""),
+    Setting("ENTITYSYNC_OUTBOX_LIMIT", 1 << 20, _positive_int, """
+        Characters of frames one connection may have waiting to be written. The
+        frames of one refresh are always queued whole (the next fetch waits until
+        they are written); acks and errors that would push the queue past the limit
+        mean the client is not reading, and it is closed with 1008."""),
+    Setting("ENTITYSYNC_SEND_TIMEOUT", 10.0, _positive_number, """
+        Seconds one frame may take to write. A client that stops reading is closed
+        with 1008 once a write takes longer."""),
+    Setting("ENTITYSYNC_COMPRESSION", False, _bool, """
+        Accept permessage-deflate when a client offers it (browsers always do). Off
+        by default: deflate costs about 100 KB of memory on every connection; see
+        :ref:`compression`."""),
+    Setting("ENTITYSYNC_PUBLISH_BUFFER", 10_000, _positive_int, """
+        Distinct keys a bus may hold unpublished, e.g. while Redis or nsqd is
+        unreachable (and, for ``memory://``, undelivered). Past it, further keys are
+        dropped and counted, and once the broker is back every server is asked to
+        refresh every subscribed key of the affected entities, so dropped
+        notifications cost work, never correctness."""),
+    Setting("ENTITYSYNC_TOPIC_PREFIX", "", _topic_prefix, """
+        Prefix of every NSQ topic and Redis channel (topic = prefix + entity name),
+        so several apps can share one broker. Prefix plus entity name must fit in 64
+        characters. Empty keeps the Go entity-sync's topic names."""),
+    Setting("ENTITYSYNC_ALLOWED_ORIGINS", None, _origins, """
+        Pages of which origins may open the websocket, besides the app's own (same
+        host and port as the ``Host`` header): a list such as
+        ``["https://app.example.com"]``, or ``"*"`` for any. An upgrade from any
+        other ``Origin`` gets HTTP 403; a request without ``Origin`` (not a browser)
+        is allowed. See :doc:`/security`."""),
+    Setting("ENTITYSYNC_PING_INTERVAL", 25.0, _seconds_or_off, """
+        Seconds between the server's websocket pings to every client; a client that
+        has not answered the previous ping is closed with 1008 and cleaned up,
+        half-open connections included."""),
+    Setting("ENTITYSYNC_FETCH_TIMEOUT", 10.0, _seconds_or_off, """
+        Seconds a fetch may take. Past it the fetch is abandoned (under gevent it is
+        interrupted at its next blocking call; under the threaded dev server it is
+        left to finish in its thread) and the subscriber gets ``fetch_failed``
+        ("timed out")."""),
+    Setting("ENTITYSYNC_FETCH_RETRY_MAX", 30.0, _seconds_or_off, """
+        A failed or timed-out fetch is retried after 0.5 s, 1 s, 2 s... up to this
+        many seconds apart, until it succeeds or the key is unsubscribed, so clients
+        converge once the database is back; the client hears of the first failure
+        of a run only. ``0`` turns retries off."""),
+    Setting("ENTITYSYNC_RATE_LIMIT", 200.0, _rate, """
+        Client frames per second one connection may send on average; a connection
+        that goes past it (and its burst) is closed with 1008."""),
+    Setting("ENTITYSYNC_RATE_BURST", 2000, _positive_int, """
+        Client frames one connection may send at once after a quiet spell, e.g. a
+        page subscribing to many rows when it loads."""),
+    Setting("ENTITYSYNC_PG_LISTEN_URL", None, _pg_url, """
+        A ``postgresql://`` URL whose notifications (from the triggers of
+        :func:`entitysync_sync.postgres.trigger_sql`) every server also receives,
+        besides a Redis or NSQ bus; see :doc:`/postgresql`. Unset with a
+        ``postgresql://`` bus, which listens on its own database already."""),
+)
+
+#: Every configuration key with its default.
+DEFAULTS: dict[str, Any] = {setting.key: setting.default for setting in SETTINGS}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """The checked configuration of one app."""
+    """The checked configuration of one app: one attribute per key of :data:`SETTINGS`."""
 
     path: str
     bus_url: str
@@ -51,83 +233,19 @@ class Settings:
     fetch_retry_max: float
     rate_limit: float
     rate_burst: int
-
-
-def _bool(config: MutableMapping[str, Any], key: str) -> bool:
-    value = config[key]
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be True or False, got {value!r}")
-    return value
-
-
-def _positive_int(config: MutableMapping[str, Any], key: str) -> int:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    return value
-
-
-def _positive_number(config: MutableMapping[str, Any], key: str) -> float:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{key} must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def _seconds_or_off(config: MutableMapping[str, Any], key: str) -> float:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"{key} must be a number of seconds, or 0 to turn it off, got {value!r}")
-    return float(value)
-
-
-def _rate(config: MutableMapping[str, Any], key: str) -> float:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"{key} must be a number of frames per second, or 0 to turn it off, got {value!r}")
-    return float(value)
-
-
-def _origins(config: MutableMapping[str, Any], key: str) -> frozenset[str] | None:
-    value = config[key]
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(
-            f"{key} must be None (same origin only), '*' or a list of origins such as "
-            f"['https://app.example.com'], got {value!r}"
-        )
-    return frozenset(v.rstrip("/").lower() for v in value)
+    pg_listen_url: str | None = None
 
 
 def load_settings(config: MutableMapping[str, Any]) -> Settings:
     """Fill in defaults with ``config.setdefault`` and check every value."""
-    for key, default in DEFAULTS.items():
-        config.setdefault(key, default)
-    path = config["ENTITYSYNC_PATH"]
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise ConfigError(f"ENTITYSYNC_PATH must be a URL path starting with '/', got {path!r}")
-    bus_url = config["ENTITYSYNC_BUS_URL"]
-    if not isinstance(bus_url, str):
-        raise ConfigError("ENTITYSYNC_BUS_URL must be a string such as 'memory://'")
-    return Settings(
-        path=path,
-        bus_url=bus_url,
-        push_on_subscribe=_bool(config, "ENTITYSYNC_PUSH_ON_SUBSCRIBE"),
-        envelope=_bool(config, "ENTITYSYNC_ENVELOPE"),
-        max_subscriptions=_positive_int(config, "ENTITYSYNC_MAX_SUBSCRIPTIONS"),
-        max_message_bytes=_positive_int(config, "ENTITYSYNC_MAX_MESSAGE_BYTES"),
-        outbox_limit=_positive_int(config, "ENTITYSYNC_OUTBOX_LIMIT"),
-        send_timeout=_positive_number(config, "ENTITYSYNC_SEND_TIMEOUT"),
-        compression=_bool(config, "ENTITYSYNC_COMPRESSION"),
-        publish_buffer=_positive_int(config, "ENTITYSYNC_PUBLISH_BUFFER"),
-        topic_prefix=check_topic_prefix(config["ENTITYSYNC_TOPIC_PREFIX"]),
-        allowed_origins=_origins(config, "ENTITYSYNC_ALLOWED_ORIGINS"),
-        ping_interval=_seconds_or_off(config, "ENTITYSYNC_PING_INTERVAL"),
-        fetch_timeout=_seconds_or_off(config, "ENTITYSYNC_FETCH_TIMEOUT"),
-        fetch_retry_max=_seconds_or_off(config, "ENTITYSYNC_FETCH_RETRY_MAX"),
-        rate_limit=_rate(config, "ENTITYSYNC_RATE_LIMIT"),
-        rate_burst=_positive_int(config, "ENTITYSYNC_RATE_BURST"),
-    )
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        config.setdefault(setting.key, setting.default)
+        values[setting.field] = setting.check(config[setting.key], setting.key)
+    listen, bus = values["pg_listen_url"], values["bus_url"]
+    if listen is not None and urlsplit(bus).scheme in ("postgresql", "postgres"):
+        if listen != bus:
+            raise ConfigError("ENTITYSYNC_PG_LISTEN_URL is for a bus that is not PostgreSQL; the postgresql:// "
+                              "bus already listens on its own database (leave it unset)")
+        values["pg_listen_url"] = None
+    return Settings(**values)

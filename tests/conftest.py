@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.support.brokers import BROKERS, make_broker
+from tests.support.brokers import BROKERS, PgBroker, PgSchema, make_broker
 from tests.support.clients import Client
 from tests.support.nsqd import Nsqd, describe_backend
 from tests.support.servers import SERVER_KINDS, Server, ServerPool
@@ -93,10 +93,11 @@ def cluster(uid: str) -> Iterator[Callable[..., Server]]:
     started: list[Server] = []
 
     def start(kind: str, broker: Any, prefix: str | None = None, url: str | None = None,
-              extra_args: tuple[str, ...] = (), **config: Any) -> Server:
+              extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None, **config: Any) -> Server:
         config = {"ENTITYSYNC_BUS_URL": url or broker.url(),
                   "ENTITYSYNC_TOPIC_PREFIX": uid + "_" if prefix is None else prefix, **config}
-        server = Server(kind, config, extra_args=extra_args, extra_env={"ENTITYSYNC_TEST_DB": str(db)})
+        server = Server(kind, config, extra_args=extra_args,
+                        extra_env={"ENTITYSYNC_TEST_DB": str(db), **(env or {})})
         started.append(server)
         wait_for(lambda: server.get("/_t/bus-ready")["ready"], timeout=30, message="the bus subscriptions")
         return server
@@ -119,3 +120,28 @@ def nsqd() -> Iterator[Nsqd]:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"nsq bus tests: {describe_backend()}"]
+
+
+@pytest.fixture(scope="module")
+def pg_schema() -> Iterator[PgSchema]:
+    """A schema of this module's own in the machine's PostgreSQL, with a notifying ``items`` table."""
+    schema = PgSchema(PgBroker())
+    yield schema
+    schema.close()
+
+
+@pytest.fixture(scope="module")
+def pg_cluster(pg_schema: PgSchema) -> Iterator[dict[str, Server]]:
+    """Two ``gunicorn -k gevent`` servers and a threaded ``flask run`` on the ``postgresql://`` bus,
+    fetching ``items`` from :func:`pg_schema`'s table, shared by a module's tests."""
+    config = {"ENTITYSYNC_BUS_URL": pg_schema.pg.url(), "ENTITYSYNC_TOPIC_PREFIX": pg_schema.prefix}
+    servers: dict[str, Server] = {}
+    try:
+        for name, kind in (("gunicorn-a", "gunicorn"), ("gunicorn-b", "gunicorn"), ("flask", "flask")):
+            server = servers[name] = Server(kind, config, extra_env=pg_schema.server_env())
+            wait_for(lambda server=server: server.get("/_t/bus-ready")["ready"], timeout=30,
+                     message="the bus subscriptions")
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()

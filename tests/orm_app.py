@@ -1,11 +1,15 @@
 """A Flask-SQLAlchemy app whose views only commit: es.watch does the notifying.
 
 Run by tests/test_orm.py under gunicorn -k gevent and flask run, configured
-with ``FLASK_SQLALCHEMY_DATABASE_URI`` (an SQLite file).
+with ``FLASK_SQLALCHEMY_DATABASE_URI`` (an SQLite file), and by
+tests/test_postgres.py on PostgreSQL (``FLASK_SQLALCHEMY_ENGINE_OPTIONS`` sets
+the schema).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 from flask import Flask, request
@@ -63,6 +67,24 @@ def create_app() -> Flask:
         db.session.flush()
         db.session.rollback()
         return {"ok": False}
+
+    @app.post("/items/<int:item_id>/commit-then-die")
+    def commit_then_die(item_id: int) -> Any:
+        """Commit, then die at once, as a worker killed by a deploy between commit and publish."""
+        item = db.session.get(Item, item_id) or Item(id=item_id)
+        item.name = request.get_json()["name"]
+        db.session.add(item)
+        db.session.commit()
+        os.kill(os.getpid(), signal.SIGKILL)
+        return {"ok": True}  # never reached
+
+    @app.get("/_t/bus-ready")
+    def bus_ready() -> Any:
+        """Start the bus; ready once it listens to the database (for in-transaction notifications)."""
+        runtime = es.runtime()
+        runtime.ensure_started()
+        database = runtime.listened_database()
+        return {"ready": database is None or database.database_identity is not None, "bus": runtime.bus.stats()}
 
     @app.post("/items/<int:item_id>/delete")
     def delete_item(item_id: int) -> Any:

@@ -69,6 +69,39 @@ class SharedRows:
         return default
 
 
+class PgRows:
+    """Rows in a PostgreSQL table (``schema.table``, columns ``id`` and ``value``), so that what
+    psql writes is what the servers fetch."""
+
+    def __init__(self, url: str, table: str) -> None:
+        from psycopg import sql
+
+        self.url = url
+        self.table = sql.Identifier(*table.split("."))
+        self.sql = sql
+
+    def _one(self, query: str, *params: Any) -> Any:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return conn.execute(self.sql.SQL(query).format(self.table), params).fetchone()
+
+    def __contains__(self, id: str) -> bool:
+        return self._one("SELECT 1 FROM {} WHERE id = %s", id) is not None
+
+    def get(self, id: str) -> Any:
+        row = self._one("SELECT value FROM {} WHERE id = %s", id)
+        return None if row is None else json.loads(row[0])
+
+    def __setitem__(self, id: str, value: Any) -> None:
+        self._one("INSERT INTO {} VALUES (%s, %s) ON CONFLICT (id) DO UPDATE SET value = EXCLUDED.value "
+                  "RETURNING 1", id, json.dumps(value))
+
+    def pop(self, id: str, default: Any = None) -> Any:
+        self._one("DELETE FROM {} WHERE id = %s RETURNING 1", id)
+        return default
+
+
 def create_app() -> Flask:
     level = os.environ.get("ENTITYSYNC_TEST_LOG_LEVEL")
     if level:  # e.g. DEBUG, to prove that not even debug logs carry secrets
@@ -77,7 +110,10 @@ def create_app() -> Flask:
     app.config.from_prefixed_env()
     es = EntitySync(app)
     shared = os.environ.get("ENTITYSYNC_TEST_DB")
+    pg_table = os.environ.get("ENTITYSYNC_TEST_PG_TABLE")
     rows: Any = SharedRows(shared) if shared else {}
+    if pg_table:
+        rows = PgRows(os.environ["ENTITYSYNC_TEST_PG_URL"], pg_table)
     fetches: Counter[str] = Counter()
     messages: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -305,8 +341,9 @@ def create_app() -> Flask:
     @app.get("/_t/bus-ready")
     def bus_ready() -> Any:
         """Start the bus; ready once every entity's subscription is up."""
-        es.runtime().ensure_started()
-        return {"ready": es.bus().stats().get("connects", 0) >= len(es.entities)}
+        runtime = es.runtime()
+        runtime.ensure_started()
+        return {"ready": all(bus.stats().get("connects", 0) >= len(es.entities) for bus in runtime.receiving_buses())}
 
     @app.get("/_t/messages")
     def get_messages() -> Any:
@@ -329,6 +366,7 @@ def create_app() -> Flask:
         return {
             "pid": os.getpid(),
             "bus": es.bus().stats(),
+            "pg_listen": (listener := es.runtime().pg_listener) and listener.stats(),
             "connections": hub.connection_count,
             "subscriptions": hub.subscription_count,
             "keys": hub.key_count,

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qs
 
 import pytest
 
 from entitysync_sync import EntityKey
 from entitysync_sync.bus import BufferedBus, bus_from_url
-from entitysync_sync.bus.nsq import NsqBus, parse_nsq_url
+from entitysync_sync.bus.nsq import OUTPUT_BUFFER_SIZE, OUTPUT_BUFFER_TIMEOUT, NsqBus, parse_nsq_url
 from entitysync_sync.bus.redis import RedisBus, redact
 from entitysync_sync.exceptions import ConfigError
 from tests.support.brokers import make_broker
@@ -52,11 +54,14 @@ def started(buses: list[BufferedBus], url: str, prefix: str, entities: list[str]
 def test_nsq_urls_parse_into_addresses_and_options() -> None:
     assert parse_nsq_url("nsq://h1:4150,h2:4151") == {
         "nsqd": ["h1:4150", "h2:4151"], "lookupd": [], "max_in_flight": 2500,
-        "max_backoff": 5.0, "lookupd_poll_interval": 15.0, "ready_timeout": 10.0, "stall_timeout": 10.0,
-        "channel": None}
+        "max_backoff": 5.0, "lookupd_poll_interval": 15.0, "lookupd_retry_interval": 1.0, "ready_timeout": 10.0,
+        "stall_timeout": 10.0,
+        "channel": None, "output_buffer_timeout": OUTPUT_BUFFER_TIMEOUT, "output_buffer_size": OUTPUT_BUFFER_SIZE}
     parsed = parse_nsq_url("nsq://?lookupd=http://a:4161&lookupd=http://b:4161&max_in_flight=10&channel=web1")
     assert parsed["nsqd"] == [] and parsed["lookupd"] == ["http://a:4161", "http://b:4161"]
     assert parsed["max_in_flight"] == 10 and parsed["channel"] == "web1"
+    parsed = parse_nsq_url("nsq://h1:4150?output_buffer_timeout=25&output_buffer_size=-1")
+    assert (parsed["output_buffer_timeout"], parsed["output_buffer_size"]) == (25, -1)
 
 
 @pytest.mark.parametrize("url, fragment", [
@@ -67,6 +72,9 @@ def test_nsq_urls_parse_into_addresses_and_options() -> None:
     ("nsq://h1:4150?bogus=1", "unknown nsq:// option"),
     ("nsq://?lookupd=h:4161", "must be an http:// URL"),
     ("nsq://h1:4150?channel=has%20space", "channel"),
+    ("nsq://h1:4150?output_buffer_timeout=0", "output_buffer_timeout"),
+    ("nsq://h1:4150?output_buffer_timeout=-2", "output_buffer_timeout"),
+    ("nsq://h1:4150?output_buffer_size=16k", "output_buffer_size"),
     ("kafka://h:9092", "unsupported bus"),
 ])
 def test_bad_bus_urls_raise_config_errors(url: str, fragment: str) -> None:
@@ -155,16 +163,26 @@ def test_a_consumer_whose_rdy_greenlet_died_is_replaced_and_resyncs(buses: list[
 
 
 class _Lookupd(BaseHTTPRequestHandler):
-    """A stand-in for nsqlookupd's HTTP API that knows one nsqd."""
+    """A stand-in for nsqlookupd's HTTP API that knows one nsqd.
+
+    With ``topics`` set, ``/lookup`` answers as nsqlookupd does for a topic no nsqd
+    has registered yet, 404 ``TOPIC_NOT_FOUND``, until ``topics`` says it exists."""
 
     nsqd: tuple[int, int] = (0, 0)
+    topics: Callable[[], set[str]] | None = None
+    misses: list[str] = []
 
     def do_GET(self) -> None:
         tcp, http = self.nsqd
         producer = {"broadcast_address": "127.0.0.1", "hostname": "test", "remote_address": "127.0.0.1:1",
                     "tcp_port": tcp, "http_port": http, "version": "1.3.0"}
-        path = self.path.split("?")[0]
-        if path in ("/lookup", "/nodes"):
+        path, _, query = self.path.partition("?")
+        topic = parse_qs(query).get("topic", [""])[0]
+        if path == "/lookup" and self.topics is not None and topic not in self.topics():
+            self.misses.append(topic)
+            body = b'{"message":"TOPIC_NOT_FOUND"}'
+            self.send_response(404)
+        elif path in ("/lookup", "/nodes"):
             body = json.dumps({"channels": [], "producers": [producer]}).encode()
             self.send_response(200)
         else:
@@ -190,6 +208,38 @@ def test_nsq_through_lookupd_discovers_where_to_receive_and_publish(buses: list[
         bus, sink = started(buses, url, uid, ["items"])
         bus.publish([EntityKey("items", 1)])
         wait_for(lambda: sink.keys == [EntityKey("items", 1)], message="a key through the discovered nsqd")
+    finally:
+        lookupd.shutdown()
+        broker.close()
+
+
+def test_nsq_through_lookupd_finds_a_topic_soon_after_its_first_publish(buses: list[BufferedBus], uid: str) -> None:
+    """On a fresh cluster lookupd knows no topic until something is published to it; the
+    consumer asks again every lookupd_retry_interval, not every lookupd_poll_interval."""
+    broker = make_broker("nsq")
+
+    def topics() -> set[str]:
+        return {t["topic_name"] for t in broker.nsqd.stats()["topics"] or ()}
+
+    misses: list[str] = []
+    handler = type("Lookupd", (_Lookupd,), {"nsqd": (broker.nsqd.tcp_port, broker.nsqd.http_port),
+                                            "topics": staticmethod(topics), "misses": misses})
+    lookupd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=lookupd.serve_forever, daemon=True).start()
+    try:
+        url = f"nsq://?lookupd=http://127.0.0.1:{lookupd.server_port}&lookupd_poll_interval=300"
+        bus = bus_from_url(url, topic_prefix=uid)
+        assert isinstance(bus, BufferedBus)
+        buses.append(bus)
+        sink = RecordingSink()
+        bus.start(sink, ["items"])
+        wait_for(lambda: misses, message="the consumer's first lookup, a 404")
+        assert not sink.resyncs  # connected to nothing yet
+        bus.publish([EntityKey("items", 1)])  # creates the topic on the nsqd
+        # Within a few retries, far inside the 300 s poll interval: the consumer connects
+        # and gets the key (held by the topic until a channel exists, and resynced anyway).
+        wait_for(lambda: EntityKey("items", 1) in sink.keys, timeout=20,
+                 message="the key, once lookupd knows the topic")
     finally:
         lookupd.shutdown()
         broker.close()
@@ -225,3 +275,81 @@ def test_a_half_open_broker_connection_is_noticed_and_replaced(broker: Any, buse
         wait_for(lambda: EntityKey("items", "after") in sink.keys, message="delivery on the new connection")
     finally:
         proxy.close()
+
+
+# -- reading NSQ connections in batches -----------------------------------------
+
+
+class _FakeConn:
+    """What listen_in_batches uses of gnsq's connection: a stream to read, and handlers."""
+
+    tls_v1 = snappy = deflate = False
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.sent: list[bytes] = []
+        self.responses: list[bytes] = []
+        self.is_connected = True
+        self.in_flight = 0
+        self.last_message = self.last_response = 0.0
+        conn = self
+
+        class Sock:
+            def recv(self, size: int) -> bytes:
+                return conn.chunks.pop(0) if conn.chunks else b""
+
+        class Stream:
+            socket = Sock()
+
+            def consume_buffer(self) -> bytes:
+                return b""
+
+        self.stream = Stream()
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def close_stream(self) -> None:
+        self.is_connected = False
+
+    def handle_response(self, data: bytes) -> None:
+        self.responses.append(data)
+
+    def handle_error(self, data: bytes) -> None:
+        self.responses.append(b"error: " + data)
+
+
+def _frame(kind: int, data: bytes) -> bytes:
+    return struct.pack(">ii", len(data) + 4, kind) + data
+
+
+def _message(msg_id: bytes, body: bytes) -> bytes:
+    return _frame(2, struct.pack(">qH", 0, 1) + msg_id + body)
+
+
+_IDS = [f"{i:016x}".encode() for i in range(5)]
+_STREAM = (_message(_IDS[0], b"a") + _message(_IDS[1], b"b") + _frame(0, b"_heartbeat_")
+           + _message(_IDS[2], b"c") + _message(_IDS[3], b"d") + _message(_IDS[4], b"e"))
+
+
+@pytest.mark.parametrize("cut", [1, 7, 30, 41, 80, len(_STREAM) - 3])
+def test_a_connection_is_read_in_batches_whatever_the_read_boundaries(cut: int) -> None:
+    import gnsq.errors
+
+    from entitysync_sync.bus._gnsq_batches import can_batch, listen_in_batches
+
+    conn = _FakeConn([_STREAM[:cut], _STREAM[cut:]])  # frames split across two reads
+    assert can_batch(conn)
+    events: list[tuple[str, Any]] = []
+    conn.handle_response = lambda data: events.append(("response", data))  # type: ignore[method-assign]
+    with pytest.raises(gnsq.errors.NSQSocketError):  # then the stream ends: the connection is lost
+        listen_in_batches(conn, lambda bodies: events.append(("batch", bodies)),
+                          lambda: events.append(("finished", None)))
+    # Every body once, in order, and the heartbeat between the messages it came between.
+    flat = [x for kind, value in events if kind != "finished" for x in (value if kind == "batch" else [value])]
+    assert flat == [b"a", b"b", b"_heartbeat_", b"c", b"d", b"e"]
+    batches = [value for kind, value in events if kind == "batch"]
+    # One write of FINs per batch, each id finished once, in order; then gnsq's bookkeeping.
+    assert len(conn.sent) == len(batches) == sum(kind == "finished" for kind, _ in events)
+    assert b"".join(conn.sent) == b"".join(b"FIN " + msg_id + b"\n" for msg_id in _IDS)
+    assert conn.in_flight == 0 and not conn.is_connected

@@ -4,7 +4,7 @@ Every test runs once per broker. Servers are real ``gunicorn -k gevent`` and
 threaded ``flask run`` processes sharing one SQLite database (the rows), and
 the clients are real websocket clients. Redis is the machine's real Redis;
 NSQ is a real nsqd when ``NSQD_BIN`` names one, else the protocol double in
-``tests/nsqd_double.py``.
+``tests/support/nsqd_double/``.
 """
 
 from __future__ import annotations

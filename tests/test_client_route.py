@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 from flask import Flask
@@ -10,6 +11,7 @@ from flask import Flask
 from entitysync_sync import EntitySync
 
 STATIC = Path(__file__).resolve().parent.parent / "entitysync_sync" / "static" / "entitysync.js"
+TYPES = STATIC.with_name("entitysync.d.ts")
 
 
 def make_app(**config: object) -> Flask:
@@ -48,9 +50,29 @@ def test_client_module_exports_the_same_class() -> None:
     assert module.headers["ETag"] != client.get("/ws/entity-sync/client.js").headers["ETag"]
 
 
+def test_typescript_declarations_are_served_beside_the_client() -> None:
+    client = make_app().test_client()
+    resp = client.get("/ws/entity-sync/client.d.ts")
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"] == "application/typescript; charset=utf-8"
+    assert resp.get_data() == TYPES.read_bytes()
+    assert "export { EntitySyncClient as EntitySync };" in resp.get_data(as_text=True)
+    again = client.get("/ws/entity-sync/client.d.ts", headers={"If-None-Match": resp.headers["ETag"]})
+    assert again.status_code == 304
+
+
+def test_the_declarations_name_every_public_method_of_the_client() -> None:
+    script, types = STATIC.read_text(), TYPES.read_text()
+    methods = {m for m in re.findall(r"^  (?:static )?([a-z]\w*)\(", script, re.M) if not m.startswith("_")}
+    assert methods == {"constructor", "subscribe", "setSecret", "on", "close"}
+    for method in methods:
+        assert re.search(rf"^  {method}(<[^>]*>)?\(", types, re.M), method
+
+
 def test_client_js_follows_entitysync_path() -> None:
     client = make_app(ENTITYSYNC_PATH="/live/").test_client()
     assert client.get("/live/client.js").status_code == 200
+    assert client.get("/live/client.d.ts").status_code == 200
     assert client.get("/ws/entity-sync/client.js").status_code == 404
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.clients import Client
-from tests.support.servers import Server
+from tests.support.servers import ROOT, Server
 
 
 @pytest.fixture(params=["flask", "gunicorn"])
@@ -49,6 +52,15 @@ def test_the_example_page_renders_the_items(example: Server) -> None:
         page = resp.read().decode()
     assert "apples" in page and "/ws/entity-sync/client.js" in page
     assert "plums" not in page  # private: only its owner and admin see it
+
+
+def test_the_mutator_process_refuses_a_bus_that_reaches_no_server(tmp_path: Path) -> None:
+    env = dict(os.environ, FLASK_DATABASE=json.dumps(str(tmp_path / "items.sqlite")))
+    env.pop("FLASK_ENTITYSYNC_BUS_URL", None)
+    done = subprocess.run([sys.executable, "-m", "flask", "--app", "example_flask", "mutate"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "memory:// reaches nobody" in done.stderr and "FLASK_ENTITYSYNC_BUS_URL" in done.stderr
 
 
 def post(server: Server, path: str, body: dict[str, object] | None = None) -> None:

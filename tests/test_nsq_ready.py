@@ -188,6 +188,9 @@ def test_a_consumer_that_stays_stalled_after_a_repair_is_replaced(
     consumer = bus._consumers["items"]
     on_hub(bus, lambda: setattr(consumer, "send_ready_state", lambda resend=False: None))  # repairs do nothing
     lose_rdy_on_nsqd(bus)
+    # nsqd handles the RDY 0 and the publish on two connections concurrently: publish once it holds.
+    wait_for(lambda: not ready_on_nsqd(nsqd, bus.topic("items"), bus.channel),
+             message="nsqd to hold the connection at RDY 0")
     bus.publish([EntityKey("items", "held-1")])
     wait_for(lambda: bus.stats().get("consumers_repaired") == 1, timeout=15, message="a repair")
     bus.publish([EntityKey("items", "held-2")])

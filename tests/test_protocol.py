@@ -22,6 +22,13 @@ def test_ref_and_integer_ids_are_read() -> None:
     assert p.decode_client_frame('{"action":"secret","body":null,"ref":3}') == p.SetSecret(None, 3)
 
 
+def test_ping_decodes_with_or_without_ref_and_pong_echoes_it() -> None:
+    assert p.decode_client_frame('{"action":"ping"}') == p.Ping()
+    assert p.decode_client_frame('{"action":"ping","ref":"hb"}') == p.Ping("hb")
+    assert p.encode_pong("hb") == '{"action":"pong","ref":"hb"}'
+    assert p.encode_pong(None) == '{"action":"pong","ref":null}'
+
+
 def test_frames_without_action_pass_through_verbatim() -> None:
     raw = '{"chat": "hello",  "to": 1}'
     assert p.decode_client_frame(raw) == p.PassThrough(raw)

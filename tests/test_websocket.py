@@ -25,6 +25,17 @@ def test_subscribe_acks_then_pushes_the_current_state(server: Server, clients, u
                              "body": {"id": uid, "value": "first"}}
 
 
+def test_ping_is_answered_by_pong_and_the_old_heartbeat_probe_still_acks(server: Server, clients) -> None:
+    client = clients(server.ws_url)
+    client.send({"action": "ping", "ref": "hb1"})
+    assert client.recv() == {"action": "pong", "ref": "hb1"}
+    client.send({"action": "ping"})
+    assert client.recv() == {"action": "pong", "ref": None}
+    # Clients of earlier versions probe with an acked unsubscribe of a key nobody holds.
+    client.send({"action": "unsubscribe", "body": {"entity": "entitysync.heartbeat", "id": "0"}, "ref": "heartbeat"})
+    assert client.recv() == {"action": "ack", "ref": "heartbeat"}
+
+
 def test_integer_ids_and_numeric_refs_work(server: Server, clients, uid: str) -> None:
     server.set("items", "7" + uid[-6:], 1)
     client = clients(server.ws_url)
@@ -204,6 +215,7 @@ def test_raw_mode_answers_bad_frames_with_silence_and_survives(
     server.set("items", uid, "still here")
     client = clients(server.ws_url)
     client.send("{bad json")
+    client.send({"action": "ping", "ref": 1})
     client.assert_silent()
     client.subscribe("items", uid)
     assert client.recv() == {"id": uid, "value": "still here"}

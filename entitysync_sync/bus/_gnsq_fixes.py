@@ -23,6 +23,10 @@ connection, never more. Every fix below serves it:
    gnsq's RDY greenlet (gnsq pull request 32), after which the consumer never
    sends RDY again. Here such an error is logged at WARNING and the
    redistribution goes on with the next connection.
+5. gnsq logs warnings with ``Logger.warn``, deprecated since Python 3.3, which
+   raises a ``DeprecationWarning`` on every call. :class:`Consumer` and
+   :class:`Producer` wrap whatever logger they are given in an adapter whose
+   ``warn`` is ``warning``.
 
 It also records, per connection, when it subscribed and when nsqd
 acknowledged the SUB, which the bus's supervisor uses to tell a consumer that
@@ -62,7 +66,32 @@ def ready_since(conn: Any) -> float | None:
     return getattr(conn, "es_ready_since", None)
 
 
-class Consumer(gnsq.Consumer):  # type: ignore[misc]
+class _Logger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger whose ``warn`` is ``warning`` (fix 5)."""
+
+    def warn(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        self.warning(msg, *args, **kwargs)
+
+
+class _ModernLogging:
+    """Wraps every logger gnsq (or a caller) assigns to ``self.logger`` in a :class:`_Logger` (fix 5)."""
+
+    _es_logger: _Logger
+
+    @property
+    def logger(self) -> _Logger:
+        return self._es_logger
+
+    @logger.setter
+    def logger(self, logger: logging.Logger | _Logger) -> None:
+        self._es_logger = logger if isinstance(logger, _Logger) else _Logger(logger, {})
+
+
+class Producer(_ModernLogging, gnsq.Producer):  # type: ignore[misc]
+    """A ``gnsq.Producer`` that logs without deprecation warnings (fix 5)."""
+
+
+class Consumer(_ModernLogging, gnsq.Consumer):  # type: ignore[misc]
     """A ``gnsq.Consumer`` whose RDY counts are only ever those nsqd was sent."""
 
     def handle_connection_success(self, conn: Any) -> None:

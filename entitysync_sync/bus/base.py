@@ -63,7 +63,7 @@ class Bus(abc.ABC):
         """Stop receiving and release connections; idempotent."""
 
     def stats(self) -> dict[str, int]:
-        """Counters and gauges of this bus (names are stable; see the README)."""
+        """Counters and gauges of this bus (names are stable; see :doc:`/observability`)."""
         return {}
 
     def describe(self) -> str:

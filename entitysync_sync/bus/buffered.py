@@ -229,20 +229,34 @@ class BufferedBus(Bus):
 
     def _received(self, body: bytes) -> None:
         """Hand one received body to the sink; log and drop anything that is not a key."""
+        self._received_many((body,))
+
+    def _received_many(self, bodies: Sequence[bytes]) -> None:
+        """Hand the keys of many received bodies to the sink in one delivery, in order;
+        log and drop any body that is not a key."""
         sink = self._sink
         if sink is None or self.closed:
             return
-        try:
-            message = p.decode_bus_body(body)
-        except ProtocolError as exc:
-            self.counters["malformed"] += 1
-            log.warning("dropped a malformed %s bus message (%s): %r", self.kind, exc.message, body[:64])
-            return
-        self.counters["received"] += 1
-        if isinstance(message, p.ResyncRequest):
-            sink.resync(message.entity)
-        else:
-            sink.deliver([message])
+        keys: list[EntityKey] = []
+        received = 0
+        for body in bodies:
+            try:
+                message = p.decode_bus_body(body)
+            except ProtocolError as exc:
+                self.counters["malformed"] += 1
+                log.warning("dropped a malformed %s bus message (%s): %r", self.kind, exc.message, body[:64])
+                continue
+            received += 1
+            if isinstance(message, p.ResyncRequest):
+                if keys:
+                    sink.deliver(keys)
+                    keys = []
+                sink.resync(message.entity)
+            else:
+                keys.append(message)
+        self.counters["received"] += received
+        if keys:
+            sink.deliver(keys)
 
     def _connected(self, entity: str | None = None, where: str | None = None) -> None:
         """Record a (re)connection of the receiving side and resync what it may have missed.

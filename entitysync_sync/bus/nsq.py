@@ -18,10 +18,15 @@ URL forms::
 
 Options in the query: ``max_in_flight`` (per topic, default 2500, nsqd's
 default ``--max-rdy-count``), ``max_backoff`` (seconds between reconnects,
-default 5), ``lookupd_poll_interval`` (seconds, default 15), ``channel``
-(the channel name before ``#ephemeral``; default a unique id of this process),
-``ready_timeout`` and ``stall_timeout`` (seconds, default 10 each; see
-:meth:`NsqBus._supervise`).
+default 5), ``lookupd_poll_interval`` (seconds, default 15),
+``lookupd_retry_interval`` (seconds between lookupd queries while a topic's
+consumer has found no nsqd yet, default 1), ``channel`` (the channel name
+before ``#ephemeral``; default a unique id of this process), ``ready_timeout``
+and ``stall_timeout`` (seconds, default 10 each; see :meth:`NsqBus._supervise`),
+``output_buffer_size`` (bytes nsqd may buffer for this server's consumers;
+default -1, none) and ``output_buffer_timeout`` (milliseconds nsqd may hold
+them when buffering; default 25). Both go to nsqd in IDENTIFY; a value nsqd
+refuses fails each connection, with nsqd's reason in the log.
 
 gnsq is gevent-only: in a process that is not monkey-patched (the threaded
 dev server) the bus runs on a thread of its own with its own gevent hub.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import socket
 import time
@@ -58,6 +64,17 @@ HEARTBEAT = 5
 READY_TIMEOUT = 10.0
 #: Default seconds a consumer may receive nothing while its own published messages wait for it.
 STALL_TIMEOUT = 10.0
+#: Default seconds between lookupd queries while a topic's consumer has found no nsqd yet.
+LOOKUPD_RETRY_INTERVAL = 1.0
+#: Default bytes nsqd buffers for this server's consumers before writing them (nsqd's
+#: ``output_buffer_size``): -1, no buffer, so nsqd writes every message as it sends it
+#: and keeps no flush timer for the connection. nsqd's own default (16 KiB, flushed
+#: every 250 ms) holds a lone notification for up to 250 ms.
+OUTPUT_BUFFER_SIZE = -1
+#: Default milliseconds nsqd may hold buffered messages (nsqd's ``output_buffer_timeout``),
+#: when ``output_buffer_size`` turns buffering on: 25, the least nsqd accepts unless started
+#: with a lower ``--min-output-buffer-timeout``.
+OUTPUT_BUFFER_TIMEOUT = 25
 
 
 def _import_gnsq() -> Any:
@@ -91,6 +108,20 @@ def _number(query: dict[str, list[str]], name: str, default: float, cast: type =
     return value
 
 
+def _buffer_setting(query: dict[str, list[str]], name: str, default: int) -> int:
+    values = query.get(name)
+    if not values:
+        return default
+    try:
+        value = int(values[-1])
+    except ValueError:
+        value = 0
+    if value != -1 and value <= 0:
+        raise ConfigError(f"ENTITYSYNC_BUS_URL option {name}={values[-1]!r} must be a positive "
+                          "whole number, or -1 to turn it off")
+    return value
+
+
 def parse_nsq_url(url: str) -> dict[str, Any]:
     """Split an ``nsq://`` URL into :class:`NsqBus` arguments (see the module docs)."""
     parts = urlsplit(url)
@@ -101,8 +132,8 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
             raise ConfigError(f"ENTITYSYNC_BUS_URL: nsqd address {address!r} must be host:port")
         nsqd.append(f"{host}:{int(port)}")
     query = parse_qs(parts.query)
-    known = {"lookupd", "max_in_flight", "max_backoff", "lookupd_poll_interval", "channel",
-             "ready_timeout", "stall_timeout"}
+    known = {"lookupd", "max_in_flight", "max_backoff", "lookupd_poll_interval", "lookupd_retry_interval", "channel",
+             "ready_timeout", "stall_timeout", "output_buffer_timeout", "output_buffer_size"}
     unknown = sorted(set(query) - known)
     if unknown:
         raise ConfigError(f"ENTITYSYNC_BUS_URL: unknown nsq:// option(s) {', '.join(unknown)}; "
@@ -120,9 +151,12 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
         "max_in_flight": _number(query, "max_in_flight", 2500, int),
         "max_backoff": _number(query, "max_backoff", 5.0),
         "lookupd_poll_interval": _number(query, "lookupd_poll_interval", 15.0),
+        "lookupd_retry_interval": _number(query, "lookupd_retry_interval", LOOKUPD_RETRY_INTERVAL),
         "ready_timeout": _number(query, "ready_timeout", READY_TIMEOUT),
         "stall_timeout": _number(query, "stall_timeout", STALL_TIMEOUT),
         "channel": query.get("channel", [None])[-1],
+        "output_buffer_timeout": _buffer_setting(query, "output_buffer_timeout", OUTPUT_BUFFER_TIMEOUT),
+        "output_buffer_size": _buffer_setting(query, "output_buffer_size", OUTPUT_BUFFER_SIZE),
     }
 
 
@@ -136,6 +170,11 @@ class NsqBus(BufferedBus):
     :param max_in_flight: messages each topic's consumer may hold unacknowledged.
     :param max_backoff: longest pause between two reconnection attempts, in seconds.
     :param channel: this server's channel name, without ``#ephemeral``.
+    :param lookupd_retry_interval: seconds between lookupd queries while a topic's
+        consumer has found no nsqd (lookupd answers 404 until the topic is published to).
+    :param output_buffer_size: bytes nsqd may buffer before writing to this server's
+        consumers; -1 (the default) for none, so every message is written at once.
+    :param output_buffer_timeout: milliseconds nsqd may hold buffered messages.
     :param ready_timeout: seconds a subscribed connection may stay at RDY 0
         (nsqd then sends it nothing) before the supervisor repairs it.
     :param stall_timeout: seconds a consumer may receive nothing after this
@@ -148,8 +187,11 @@ class NsqBus(BufferedBus):
     def __init__(self, nsqd: Iterable[str] = (), lookupd: Iterable[str] = (), *,
                  topic_prefix: str = "", buffer_size: int = 10_000, max_in_flight: int = 2500,
                  max_backoff: float = 5.0, lookupd_poll_interval: float = 15.0,
+                 lookupd_retry_interval: float = LOOKUPD_RETRY_INTERVAL,
                  channel: str | None = None, supervise_interval: float = 1.0,
-                 ready_timeout: float = READY_TIMEOUT, stall_timeout: float = STALL_TIMEOUT) -> None:
+                 ready_timeout: float = READY_TIMEOUT, stall_timeout: float = STALL_TIMEOUT,
+                 output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT,
+                 output_buffer_size: int = OUTPUT_BUFFER_SIZE) -> None:
         super().__init__(topic_prefix=topic_prefix, buffer_size=buffer_size, retry_max=max_backoff)
         self._gnsq = _import_gnsq()
         self.nsqd = list(nsqd)
@@ -159,12 +201,19 @@ class NsqBus(BufferedBus):
         self.max_in_flight = max_in_flight
         self.max_backoff = max_backoff
         self.lookupd_poll_interval = lookupd_poll_interval
+        self.lookupd_retry_interval = lookupd_retry_interval
         self.supervise_interval = supervise_interval
         for name, value in (("ready_timeout", ready_timeout), ("stall_timeout", stall_timeout)):
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"NSQ bus {name} must be a positive number of seconds, got {value!r}")
         self.ready_timeout = float(ready_timeout)
         self.stall_timeout = float(stall_timeout)
+        for name, value in (("output_buffer_timeout", output_buffer_timeout),
+                            ("output_buffer_size", output_buffer_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or (value <= 0 and value != -1):
+                raise ConfigError(f"NSQ bus {name} must be a positive whole number or -1, got {value!r}")
+        self.output_buffer_timeout = output_buffer_timeout
+        self.output_buffer_size = output_buffer_size
         name = channel if channel is not None else default_channel()
         if (_CHANNEL_PATTERN.fullmatch(name) is None
                 or len(name) + len(_EPHEMERAL) > MAX_TOPIC_LENGTH):
@@ -231,6 +280,8 @@ class NsqBus(BufferedBus):
             nsqd_tcp_addresses=self.nsqd,
             lookupd_http_addresses=self.lookupd,
             message_handler=self._on_message,
+            output_buffer_timeout=self.output_buffer_timeout,
+            output_buffer_size=self.output_buffer_size,
             max_in_flight=self.max_in_flight,
             max_backoff_duration=self.max_backoff,
             lookupd_poll_interval=self.lookupd_poll_interval,
@@ -246,10 +297,20 @@ class NsqBus(BufferedBus):
         self._executor.spawn(consumer.start, False)
 
     def _on_message(self, consumer: Any, message: Any) -> None:
-        # Returning finishes the message: the hub only queues refreshes, so this is prompt.
+        # gnsq's per-message path, for a connection that cannot be read in batches.
+        self._on_messages(consumer, [message.body])
+
+    def _on_messages(self, consumer: Any, bodies: list[bytes]) -> None:
+        # Returning finishes the messages: the hub only queues refreshes, so this is prompt.
         self._waiting_since.pop(consumer.entity, None)
         self._repaired_at.pop(consumer.entity, None)
-        self._received(message.body)
+        try:
+            self._received_many(bodies)
+        except Exception:
+            # Finished anyway (a message left unfinished comes back only after nsqd's
+            # msg_timeout); a resync refreshes whatever these keys would have.
+            log.exception("handling %d NSQ message(s) of %s failed; resyncing it", len(bodies), consumer.topic)
+            self._resync(consumer.entity)
 
     def _send(self, batches: dict[str, list[bytes]]) -> None:
         import gevent
@@ -291,8 +352,9 @@ class NsqBus(BufferedBus):
     def _ensure_producer(self) -> Any:
         if self._producer is None:
             nsqd = self.nsqd or self._discover_nsqd()
-            self._producer = self._gnsq.Producer(nsqd, max_backoff_duration=self.max_backoff,
-                                                 **self._connection_options())
+            from ._gnsq_fixes import Producer
+
+            self._producer = Producer(nsqd, max_backoff_duration=self.max_backoff, **self._connection_options())
             self._producer.start()
         return self._producer
 
@@ -458,6 +520,50 @@ def _consumer_class() -> Any:
             def handle_connection_success(self, conn: Any) -> None:
                 super().handle_connection_success(conn)
                 self.bus._connected(self.entity, str(conn))
+
+            def _poll_lookupd(self) -> None:
+                # gnsq's poll, every lookupd_poll_interval; but while lookupd knows no nsqd
+                # carrying the topic (nobody has published to it yet, so lookupd answers 404)
+                # every lookupd_retry_interval, so that the first notification is not missed
+                # for a whole interval. Finding one connects, and connecting resyncs.
+                import gevent
+
+                try:
+                    while True:
+                        if self._connections:
+                            jitter = 1 + random.random() * self.lookupd_poll_jitter
+                            gevent.sleep(self.lookupd_poll_interval * jitter)
+                        else:
+                            gevent.sleep(self.bus.lookupd_retry_interval)
+                        self.query_lookupd()
+                except gevent.GreenletExit:
+                    pass
+
+            def query_lookupd(self) -> None:
+                lookupd = next(self.iterlookupds)
+                try:
+                    producers = lookupd.lookup(self.topic)["producers"]
+                except Exception as error:
+                    # A topic nobody has published to yet is a 404: expected, and retried soon.
+                    level = logging.DEBUG if "<404>" in str(error) else logging.WARNING
+                    self.logger.log(level, "lookup of %s on %s failed (%s)", self.topic, lookupd.address, error)
+                    return
+                for producer in producers:
+                    self.connect_to_nsqd(producer["broadcast_address"], producer["tcp_port"])
+
+            def _listen(self, conn: Any) -> None:
+                # gnsq.Consumer._listen, reading in batches (see _gnsq_batches).
+                from ._gnsq_batches import can_batch, listen_in_batches
+
+                if not can_batch(conn):
+                    super()._listen(conn)
+                    return
+                try:
+                    listen_in_batches(conn, partial(self.bus._on_messages, self),
+                                      partial(self._finish_message, conn, backoff=False))
+                except self.bus._gnsq.errors.NSQException as error:
+                    self.logger.warning("[%s] connection lost (%r)", conn, error)
+                self.handle_connection_failure(conn)
 
         _Consumer = Consumer
     return _Consumer

@@ -20,6 +20,8 @@ SCHEMES: dict[str, str] = {
     "redis": "entitysync_sync.bus.redis:RedisBus",
     "rediss": "entitysync_sync.bus.redis:RedisBus",
     "nsq": "entitysync_sync.bus.nsq:NsqBus",
+    "postgresql": "entitysync_sync.bus.postgres:PostgresBus",
+    "postgres": "entitysync_sync.bus.postgres:PostgresBus",
 }
 
 
@@ -47,7 +49,8 @@ def bus_from_url(url: str, *, buffer_size: int = 10_000, topic_prefix: str = "")
       of this process that use the same name);
     * ``redis://host:6379/0`` and ``rediss://...``, with the ``redis`` extra;
     * ``nsq://host:4150``, ``nsq://h1:4150,h2:4150`` and
-      ``nsq://?lookupd=http://host:4161``, with the ``nsq`` extra.
+      ``nsq://?lookupd=http://host:4161``, with the ``nsq`` extra;
+    * ``postgresql://user@host:5432/db`` (or ``postgres://``), with the ``postgres`` extra.
 
     Errors never repeat the URL's credentials.
     """

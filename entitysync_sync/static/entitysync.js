@@ -13,9 +13,11 @@
  *
  * After any disconnect it reconnects with exponential backoff and jitter, then
  * sends the secret and every live subscription again; the server pushes their
- * current state. When nothing has arrived for `heartbeat` ms it sends a frame
- * the server acknowledges (an unsubscribe from a key nobody holds); if nothing
- * arrives within `timeout` ms after that, the connection is dead and replaced.
+ * current state. When nothing has arrived for `heartbeat` ms it sends a `ping`,
+ * which the server answers with a `pong`; if nothing arrives within `timeout` ms
+ * after that, the connection is dead and replaced.
+ *
+ * TypeScript declarations: {ENTITYSYNC_PATH}client.d.ts.
  */
 var EntitySync = class EntitySync {
   // The src of this script, read while it runs; the default URL derives from it.
@@ -144,7 +146,7 @@ var EntitySync = class EntitySync {
     clearTimeout(this._timer);
     if (!this.options.heartbeat) return;
     this._timer = setTimeout(() => {
-      this._send({action: "unsubscribe", body: {entity: "entitysync.heartbeat", id: "0"}, ref: "heartbeat"});
+      this._send({action: "ping"});
       this._watch();
     }, this.options.heartbeat);
   }

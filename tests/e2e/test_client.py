@@ -147,6 +147,20 @@ def test_close_disconnects_for_good(page: Any, server: Server) -> None:
     assert [e["state"] for e in log(page) if "state" in e][-1] == "closed"
 
 
+def test_a_quiet_connection_is_kept_by_ping_and_pong(page: Any, server: Server) -> None:
+    page.execute_script("""
+        window.sent = [];
+        const send = WebSocket.prototype.send;
+        WebSocket.prototype.send = function (data) { sent.push(JSON.parse(data)); return send.call(this, data); };""")
+    start(page, None, heartbeat=200, timeout=3000)
+    wait_for(lambda: page.execute_script("return sent.filter(f => f.action === 'ping').length") >= 3,
+             message="three heartbeats on a quiet connection")
+    assert page.execute_script("return sent") == [{"action": "ping"}] * len(page.execute_script("return sent"))
+    # Each ping was answered in time: the connection was never taken for dead.
+    assert [e["state"] for e in log(page) if "state" in e] == ["open"]
+    assert page.execute_script("return es.state") == "open"
+
+
 def test_a_dead_connection_is_detected_and_replaced(browsers: Browsers, uid: str) -> None:
     """A paused server keeps its TCP connections open but answers nothing."""
     server = Server("flask", {})

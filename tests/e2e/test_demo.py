@@ -141,6 +141,46 @@ def test_an_edit_in_one_page_shows_in_the_other(fresh: Server, browsers: Browser
     screenshot(b, f"demo-two-pages-{fresh.kind}")
 
 
+def value_of(driver: Any, selector: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.CSS_SELECTOR, selector).get_property("value"))
+
+
+def test_the_edit_form_follows_changes_made_elsewhere_and_saves_only_its_own(
+    fresh: Server, browsers: Browsers
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    a, b = browsers.get(0), browsers.get(1)
+    open_page(a, fresh)
+    open_page(b, fresh)
+    b.find_element(By.CSS_SELECTOR, "#item-2 button.edit").click()
+    wait(b, lambda d: value_of(d, "#edit [name=value]") == "5")
+    # A field not edited in b follows a's change.
+    edit(a, 2, value="7 boxes")
+    wait(b, lambda d: value_of(d, "#edit [name=value]") == "7 boxes", LIVE, "the form to follow the change")
+    assert not b.find_element(By.ID, "edit-note").is_displayed()
+    # b edits the name; a changes the name too: b keeps its edit and is told.
+    name = b.find_element(By.CSS_SELECTOR, "#edit [name=name]")
+    name.clear()
+    name.send_keys("nashi")
+    edit(a, 2, name="conference pears", owner="alice")
+    wait(b, lambda d: d.find_element(By.ID, "edit-note").is_displayed(), LIVE, "the note about the clash")
+    assert text(b, "#edit-note") == ('Item 2 changed meanwhile: name is now “conference pears”. '
+                                     "Saving keeps your edits.")
+    assert value_of(b, "#edit [name=name]") == "nashi"
+    assert value_of(b, "#edit [name=owner]") == "alice"  # not edited in b: followed
+    screenshot(b, f"demo-edit-clash-{fresh.kind}")
+    # Saving sends b's edit only: a's value and owner stay.
+    b.find_element(By.CSS_SELECTOR, "#edit button").click()
+    wait(a, lambda d: text(d, "#item-2 .name") == "nashi", LIVE, "b's save to reach a")
+    assert text(a, "#item-2 .value") == "7 boxes"
+    assert text(a, "#item-2 .owner") == "Alice Archer"
+    wait(b, lambda d: text(d, "#edit-status") == "saved")
+    assert not b.find_element(By.ID, "edit-note").is_displayed()
+
+
 def test_a_deleted_item_shows_as_gone(fresh: Server, browsers: Browsers) -> None:
     from selenium.webdriver.common.by import By
 

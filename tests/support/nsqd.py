@@ -47,7 +47,7 @@ def describe_backend() -> str:
     binary = nsqd_binary()
     if binary:
         return f"real nsqd at {binary}"
-    return "NSQ protocol double (tests/nsqd_double.py); set NSQD_BIN to test a real nsqd"
+    return "NSQ protocol double (tests/support/nsqd_double/); set NSQD_BIN to test a real nsqd"
 
 
 class NsqdHTTPError(Exception):
@@ -85,7 +85,7 @@ class Nsqd:
     def describe(self) -> str:
         if self.is_real:
             return f"real nsqd at {self.binary}"
-        return "NSQ protocol double (tests/nsqd_double.py); set NSQD_BIN to test a real nsqd"
+        return "NSQ protocol double (tests/support/nsqd_double/); set NSQD_BIN to test a real nsqd"
 
     # Process control.
 
@@ -95,7 +95,7 @@ class Nsqd:
         if self.is_real:
             assert self.binary is not None
             return [self.binary, *flags]
-        return [sys.executable, "-m", "tests.nsqd_double", *flags]
+        return [sys.executable, "-m", "tests.support.nsqd_double", *flags]
 
     @property
     def running(self) -> bool:
@@ -217,7 +217,7 @@ class Nsqd:
 
     def topic_stats(self, topic: str) -> dict[str, Any] | None:
         """The /stats entry for ``topic``, or None if nsqd has no such topic."""
-        return next((t for t in self.stats(topic)["topics"] if t["topic_name"] == topic), None)
+        return next((t for t in self.stats(topic)["topics"] or () if t["topic_name"] == topic), None)
 
     def channel_stats(self, topic: str, channel: str) -> dict[str, Any] | None:
         found = self.topic_stats(topic)
