@@ -217,3 +217,22 @@ def test_the_hub_tells_its_interest_of_first_and_last_subscribers_only() -> None
     hub.remove(two, [a, b])  # type: ignore[arg-type]  # a disconnect
     assert events[2:] == [("unwatch", a), ("unwatch", b)]
     assert hub.key_count == 0
+
+
+def test_a_publisher_on_key_routing_reaches_only_the_servers_watching_the_key(buses: Any, uid: str) -> None:
+    from entitysync_sync import Publisher
+
+    watching, sink = buses(uid)
+    other, other_sink = buses(uid)
+    key = EntityKey("items", "p")
+    watching.watch(key)
+    wait_for(lambda: sink.keys == [key], message="the key channel confirmed")
+    with Publisher("redis://127.0.0.1:6379/0?routing=key", topic_prefix=uid) as publisher:
+        publisher.notify("items", "p")
+        publisher.notify("items", "nobody")
+        publisher.flush()
+    wait_for(lambda: len(sink.keys) == 2, message="the published key")
+    other.watch(EntityKey("items", "later"))  # confirmed after the publishes reached Redis
+    wait_for(lambda: other_sink.keys == [EntityKey("items", "later")], message="the other bus's own key")
+    assert other.stats().get("received", 0) == 0
+    assert watching.stats()["received"] == 1
