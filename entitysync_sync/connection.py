@@ -117,6 +117,8 @@ class Connection:
         self._lock = threading.Lock()
         self._subscriptions: set[EntityKey] = set()
         self._pending: dict[EntityKey, None] = {}
+        #: Versions the client said it holds, each spared once by an equal result.
+        self._held: dict[EntityKey, str] = {}
         self._outbox: deque[str | EncodedFrame] = deque()
         self._outbox_size = 0
         self._working = False
@@ -156,7 +158,7 @@ class Connection:
             self._error(exc.code, exc.message, exc.ref)
             return
         if isinstance(msg, p.Subscribe):
-            self._subscribe(msg.key, msg.ref)
+            self._subscribe(msg.key, msg.ref, msg.version)
         elif isinstance(msg, p.Unsubscribe):
             self._unsubscribe(msg.key, msg.ref)
         elif isinstance(msg, p.SetSecret):
@@ -175,7 +177,7 @@ class Connection:
         self._tokens -= 1
         return True
 
-    def _subscribe(self, key: EntityKey, ref: p.Ref) -> None:
+    def _subscribe(self, key: EntityKey, ref: p.Ref, version: str | None = None) -> None:
         if not self._handlers.has_entity(key.entity):
             self._error(p.UNKNOWN_ENTITY, f"no entity {key.entity!r} is registered", ref, key)
             return
@@ -197,6 +199,11 @@ class Connection:
             if self.closed:
                 return
             self._subscriptions.add(key)
+            # The version the client holds spares the next push if that push is the same.
+            if version is None:
+                self._held.pop(key, None)
+            else:
+                self._held[key] = version
         self._hub.subscribe(self, key)
         self._ack(ref)
         if self._limits.push_on_subscribe:
@@ -217,6 +224,7 @@ class Connection:
         with self._lock:
             self._subscriptions.discard(key)
             self._pending.pop(key, None)
+            self._held.pop(key, None)
             if self._shared:
                 self._shared.pop(key, None)
         self._failures.forget(key)
@@ -358,6 +366,8 @@ class Connection:
         with self._lock:
             if self.closed or shared.key not in self._subscriptions:
                 return
+            if self._held and shared.version is not None and self._held.pop(shared.key, None) == shared.version:
+                return  # the client holds these very rows
             if self._working:
                 if self._shared is None:
                     self._shared = {}
@@ -393,16 +403,23 @@ class Connection:
         return []
 
     def _refresh(self, key: EntityKey, secret: Any, generation: int) -> None:
+        version: str | None = None
         try:
             result = self._handlers.fetch(key, secret)
         except Exception as exc:
             frames = self._fetch_failed(key, exc)
         else:
             self._failures.forget(key)
-            frames = p.encode_result(key, result, self._limits.envelope)
+            if self._limits.envelope:
+                version = p.result_version(result)
+                frames = p.encode_result(key, result, True, version)
+            else:
+                frames = p.encode_result(key, result, False)
         with self._lock:
             if self.closed or key not in self._subscriptions or generation != self._generation:
                 return  # unsubscribed, or fetched with a secret that is no longer current
+            if version is not None and self._held and self._held.pop(key, None) == version:
+                return  # the client holds these very rows
             self._outbox.extend(frames)
             self._outbox_size += sum(map(len, frames))
 
@@ -439,6 +456,7 @@ class Connection:
             subscriptions = list(self._subscriptions)
             self._subscriptions.clear()
             self._pending.clear()
+            self._held.clear()
             self._outbox.clear()
             self._outbox_size = 0
         self._hub.remove(self, subscriptions)

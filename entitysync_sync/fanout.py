@@ -108,7 +108,9 @@ class Fanout:
         except Exception as exc:
             texts = p.encode_fetch_failed(key, failure_message(key, exc), self._envelope)
             error: Exception | None = exc
+            version = None
         else:
-            texts, error = p.encode_result(key, result, self._envelope), None
+            version = p.result_version(result) if self._envelope else None
+            texts, error = p.encode_result(key, result, self._envelope, version), None
         frames = tuple(EncodedFrame.of(text) for text in texts)
-        return SharedFrames(key, frames, sum(map(len, texts)), error)
+        return SharedFrames(key, frames, sum(map(len, texts)), error, version)

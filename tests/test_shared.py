@@ -6,6 +6,7 @@ import json
 import socket
 from typing import Any
 
+from entitysync_sync.protocol import result_version
 from tests.support.clients import Client, DeflateClient
 from tests.support.servers import Server, ServerPool
 from tests.support.waiting import wait_for
@@ -56,11 +57,13 @@ def test_every_subscriber_gets_the_same_bytes_fetched_without_a_secret(
     assert json.loads(texts[0]) == {
         "action": "push",
         "key": {"entity": "shared", "id": uid},
+        "v": json.loads(texts[0])["v"],
         "body": {"id": uid, "value": "v1", "secret": None},
     }
     server.post(f"/_t/delete/shared/{uid}")
     texts = _texts(subs)
-    assert set(texts) == {json.dumps({"action": "gone", "key": {"entity": "shared", "id": uid}},
+    assert set(texts) == {json.dumps({"action": "gone", "key": {"entity": "shared", "id": uid},
+                                      "v": result_version(None)},
                                      separators=(",", ":"))}
 
 

@@ -12,8 +12,8 @@
  *   es.close();
  *
  * After any disconnect it reconnects with exponential backoff and jitter, then
- * sends the secret and every live subscription again; the server pushes their
- * current state. When nothing has arrived for `heartbeat` ms it sends a frame
+ * sends the secret and every live subscription again, each with the version
+ * ("v") of the last push it got; the server pushes only what changed since. When nothing has arrived for `heartbeat` ms it sends a frame
  * the server acknowledges (an unsubscribe from a key nobody holds); if nothing
  * arrives within `timeout` ms after that, the connection is dead and replaced.
  */
@@ -96,9 +96,12 @@ var EntitySync = class EntitySync {
     this._send({action: "unsubscribe", body: {entity: key.entity, id: key.id}});
   }
 
-  _subscribe(key) {
+  // After a reconnect the version held spares the push of rows that did not change.
+  _subscribe(key, resume) {
     key.denied = false;
-    this._send({action: "subscribe", body: {entity: key.entity, id: key.id}});
+    const body = {entity: key.entity, id: key.id};
+    if (resume && key.v) body.v = key.v;
+    this._send({action: "subscribe", body});
   }
 
   _halt() {
@@ -116,7 +119,7 @@ var EntitySync = class EntitySync {
       if (this._ws !== ws) return;
       this._setState("open");
       if (this._secret !== undefined) this._send({action: "secret", body: this._secret});
-      for (const key of this._keys.values()) this._subscribe(key);
+      for (const key of this._keys.values()) this._subscribe(key, true);
       this._idle();
     };
     ws.onmessage = (event) => {
@@ -173,12 +176,14 @@ var EntitySync = class EntitySync {
       if (!frame.key) return this._emit("error", frame.error);
       if (!key) return;
       // The server holds no subscription it refused; setSecret asks again.
-      if (frame.error.code === "forbidden") key.denied = true;
+      if (frame.error.code === "forbidden") [key.denied, key.v] = [true, undefined];
       this._each(key, "onError", frame.error);
     } else if (key && frame.action === "push") {
+      key.v = frame.v;
       if (Array.isArray(frame.rows)) this._rows(key, frame.rows);
       else this._each(key, "onPush", frame.body);
     } else if (key && frame.action === "gone") {
+      key.v = frame.v;
       this._each(key, "onGone");
     }
   }

@@ -167,3 +167,22 @@ def test_a_dead_connection_is_detected_and_replaced(browsers: Browsers, uid: str
         assert page.execute_script("return es.state") == "open"
     finally:
         server.stop()
+
+
+def test_after_a_reconnect_it_sends_the_versions_it_holds_and_gets_only_what_changed(
+    page: Any, server: Server, uid: str
+) -> None:
+    same, changed = f"same{uid}", f"changed{uid}"
+    server.set("items", same, "kept")
+    server.set("items", changed, "old")
+    start(page, None, minDelay=50, maxDelay=100)
+    page.execute_script("sub('items', arguments[0]); sub('items', arguments[1])", same, changed)
+    log_until(page, lambda e: e.get("row") == {"id": changed, "value": "old"})
+    assert page.execute_script("return es._keys.get('items/' + arguments[0]).v", same)  # it keeps the version
+    page.execute_script("es._ws.close()")  # the connection drops; it reconnects on its own
+    log_until(page, lambda e: e.get("state") == "closed")
+    server.set("items", changed, "new")  # while it is away
+    log_until(page, lambda e: e.get("row") == {"id": changed, "value": "new"})
+    # Resubscriptions are answered in order: the unchanged row would have come first, and did not.
+    assert pushes(page, f"items/{same}") == [{"id": same, "value": "kept"}]
+    assert pushes(page, f"items/{changed}") == [{"id": changed, "value": "old"}, {"id": changed, "value": "new"}]
