@@ -207,7 +207,7 @@ class Connection:
         self._hub.subscribe(self, key)
         self._ack(ref)
         if self._limits.push_on_subscribe:
-            self.request_refresh(key)
+            self._push_current(key)
 
     def _authorized(self, key: EntityKey, secret: Any, ref: p.Ref) -> bool:
         try:
@@ -246,7 +246,7 @@ class Connection:
         self._ack(ref)
         if self._limits.push_on_subscribe:
             for key in kept:
-                self.request_refresh(key)
+                self._push_current(key)
 
     def _pass_through(self, raw: str) -> None:
         with self._lock:
@@ -288,6 +288,14 @@ class Connection:
             self.close(p.CLOSE_POLICY_VIOLATION, "outbox limit exceeded")
         elif start:
             self._hub.tasks.spawn(self._work)
+
+    def _push_current(self, key: EntityKey) -> None:
+        """Send the current state of ``key``: a shared key's comes from the fan-out's cache or fetch."""
+        fanout = self._hub.fanout
+        if fanout is not None and fanout.handles(key):
+            fanout.subscribe(key, self, self._hub)
+        else:
+            self.request_refresh(key)
 
     def request_refresh(self, key: EntityKey) -> None:
         """Schedule a fetch and push of ``key``; coalesces with one already pending."""

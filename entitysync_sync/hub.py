@@ -44,7 +44,13 @@ class SharedFetches(Protocol):
         """Whether ``key`` belongs to a shared entity."""
 
     def request(self, key: EntityKey, hub: Hub) -> None:
-        """Fetch ``key`` once and push it to its subscribers in ``hub``; only queues work."""
+        """``key`` changed: fetch it once and push it to its subscribers in ``hub``; only queues work."""
+
+    def subscribe(self, key: EntityKey, conn: Subscriber, hub: Hub) -> None:
+        """Push the current frames of ``key`` to a new subscriber, fetching them only if not cached."""
+
+    def forget(self, key: EntityKey) -> None:
+        """``key`` has no local subscriber left: drop what is cached of it."""
 
 
 class Hub:
@@ -74,8 +80,8 @@ class Hub:
         """Forget a closed connection and its subscriptions to ``keys``."""
         with self._lock:
             self._connections.discard(conn)
-            for key in keys:
-                self._discard(conn, key)
+            left = [key for key in keys if self._discard(conn, key)]
+        self._forget(left)
 
     def subscribe(self, conn: Subscriber, key: EntityKey) -> None:
         """Route future notifications of ``key`` to ``conn``."""
@@ -86,14 +92,25 @@ class Hub:
     def unsubscribe(self, conn: Subscriber, key: EntityKey) -> None:
         """Stop routing ``key`` to ``conn``."""
         with self._lock:
-            self._discard(conn, key)
+            left = self._discard(conn, key)
+        if left:
+            self._forget((key,))
 
-    def _discard(self, conn: Subscriber, key: EntityKey) -> None:
+    def _discard(self, conn: Subscriber, key: EntityKey) -> bool:
+        """Drop one subscription; True if it was the key's last."""
         conns = self._subscribers.get(key)
         if conns is not None:
             conns.discard(conn)
             if not conns:
                 del self._subscribers[key]
+                return True
+        return False
+
+    def _forget(self, keys: Iterable[EntityKey]) -> None:
+        fanout = self.fanout
+        if fanout is not None:
+            for key in keys:
+                fanout.forget(key)
 
     # -- the bus sink ----------------------------------------------------------
 

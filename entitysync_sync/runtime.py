@@ -70,7 +70,8 @@ class Runtime:
     def _build(self) -> None:
         """The parts that hold connections and background work (again in a forked child)."""
         self.tasks = Tasks("entitysync")
-        self.fanout = Fanout(self.handlers, self.tasks, self.settings.envelope, self.settings.fetch_retry_max)
+        self.fanout = Fanout(self.handlers, self.tasks, self.settings.envelope, self.settings.fetch_retry_max,
+                             self.settings.shared_cache_size)
         self.hub = Hub(self.tasks, self.fanout)
 
     def _make_bus(self) -> Bus:
@@ -130,7 +131,7 @@ class Runtime:
 
     def stats(self) -> dict[str, Any]:
         """The figures of :meth:`EntitySync.stats() <entitysync_sync.EntitySync.stats>`."""
-        return collect(self.hub, self.bus, self.metrics)
+        return {**collect(self.hub, self.bus, self.metrics), **self.fanout.stats()}
 
     # -- housekeeping ----------------------------------------------------------
 

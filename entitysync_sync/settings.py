@@ -27,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "ENTITYSYNC_FETCH_RETRY_MAX": 30.0,
     "ENTITYSYNC_RATE_LIMIT": 200.0,
     "ENTITYSYNC_RATE_BURST": 2000,
+    "ENTITYSYNC_SHARED_CACHE_SIZE": 64 << 20,
 }
 
 
@@ -51,6 +52,7 @@ class Settings:
     fetch_retry_max: float
     rate_limit: float
     rate_burst: int
+    shared_cache_size: int
 
 
 def _bool(config: MutableMapping[str, Any], key: str) -> bool:
@@ -86,6 +88,13 @@ def _rate(config: MutableMapping[str, Any], key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise ConfigError(f"{key} must be a number of frames per second, or 0 to turn it off, got {value!r}")
     return float(value)
+
+
+def _size_or_off(config: MutableMapping[str, Any], key: str) -> int:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key} must be a number of characters, or 0 to turn it off, got {value!r}")
+    return value
 
 
 def _origins(config: MutableMapping[str, Any], key: str) -> frozenset[str] | None:
@@ -130,4 +139,5 @@ def load_settings(config: MutableMapping[str, Any]) -> Settings:
         fetch_retry_max=_seconds_or_off(config, "ENTITYSYNC_FETCH_RETRY_MAX"),
         rate_limit=_rate(config, "ENTITYSYNC_RATE_LIMIT"),
         rate_burst=_positive_int(config, "ENTITYSYNC_RATE_BURST"),
+        shared_cache_size=_size_or_off(config, "ENTITYSYNC_SHARED_CACHE_SIZE"),
     )

@@ -146,8 +146,9 @@ def test_shared_notifications_coalesce_and_the_last_push_is_current(
     for client in subs:  # a notification during the fetch may repeat the last value once; nothing else
         client.assert_settles(lambda f: f["action"] == "push" and f["body"]["value"] == last, within=0.5)
     fetches = server.get(f"/_t/fetches/sharedslow/{uid}")["count"]
-    # 3 on subscribe; then at most one shared fetch running and one pending during the burst.
-    assert 4 <= fetches <= 6, fetches
+    # 1 for the three subscribes (they share it, or the cache); then at most one shared
+    # fetch running and one pending during the burst.
+    assert 2 <= fetches <= 4, fetches
 
 
 def test_authorize_still_gates_shared_entities(server: Server, clients: Any, uid: str) -> None:
