@@ -236,6 +236,10 @@ class Connection:
             self._secret = secret
             self._generation += 1
             keys = list(self._subscriptions)
+            # Frames waiting here that were fetched with the old secret go; their keys are fetched again.
+            stale = [key for key, shared in (self._shared or {}).items() if shared.personal]
+            for key in stale:
+                del self._shared[key]  # type: ignore[union-attr]
         # What a client may see depends on its secret: check its subscriptions again.
         kept = []
         for key in keys:
@@ -247,6 +251,9 @@ class Connection:
         if self._limits.push_on_subscribe:
             for key in kept:
                 self._push_current(key)
+        else:
+            for key in stale:
+                self.request_refresh(key)
 
     def _pass_through(self, raw: str) -> None:
         with self._lock:
@@ -362,7 +369,7 @@ class Connection:
         elif frame.text:
             self._transport.send_text(frame.text)
 
-    def push_shared(self, shared: SharedFrames) -> None:
+    def push_shared(self, shared: SharedFrames, generation: int | None = None) -> None:
         """Send the frames of a shared fetch of a subscribed key.
 
         On an idle connection they are written at once, from the caller's
@@ -374,6 +381,8 @@ class Connection:
         with self._lock:
             if self.closed or shared.key not in self._subscriptions:
                 return
+            if generation is not None and generation != self._generation:
+                return  # fetched with a secret that is no longer this connection's
             if self._held and shared.version is not None and self._held.pop(shared.key, None) == shared.version:
                 return  # the client holds these very rows
             if self._working:
@@ -391,6 +400,29 @@ class Connection:
                 self._working = False
                 return
         self._hub.tasks.spawn(self._work)
+
+    def cohort_member(self) -> tuple[Any, int] | None:
+        """The secret and its generation, for grouping with subscribers holding an equal one."""
+        with self._lock:
+            return None if self.closed else (self._secret, self._generation)
+
+    def push_cohort(self, shared: SharedFrames, generation: int) -> None:
+        """Send frames fetched with this connection's secret of ``generation``.
+
+        Dropped if the secret changed since: the secret change refreshes the key itself.
+        """
+        self._failures.forget(shared.key)
+        self.push_shared(shared, generation)
+
+    def cohort_failed(self, key: EntityKey, exc: Exception, generation: int) -> None:
+        """A fetch of ``key`` with this connection's secret failed: tell the client once per run, retry."""
+        with self._lock:
+            if self.closed or generation != self._generation or key not in self._subscriptions:
+                return
+        if self._failures.failed(key, exc, self._retry, logged=True):
+            frames = p.encode_fetch_failed(key, failure_message(key, exc), self._limits.envelope)
+            for frame in frames:
+                self._enqueue(frame)
 
     def _write_now(self, frames: tuple[EncodedFrame, ...]) -> list[EncodedFrame]:
         """Write ``frames`` without waiting; the frames still to write (``FLUSH`` first if one was cut)."""

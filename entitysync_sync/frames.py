@@ -66,3 +66,5 @@ class SharedFrames:
     error: Exception | None = None
     #: The result's version (see :func:`~entitysync_sync.protocol.result_version`), in envelope mode.
     version: str | None = None
+    #: Fetched with one secret (a cohort's), not for everyone.
+    personal: bool = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from .concurrency import Tasks
 from .frames import SharedFrames
@@ -23,8 +23,17 @@ class Subscriber(Protocol):
     def request_refresh(self, key: EntityKey) -> None:
         """Schedule a fetch and push of ``key``; only queues work."""
 
-    def push_shared(self, shared: SharedFrames) -> None:
+    def push_shared(self, shared: SharedFrames, generation: int | None = None) -> None:
         """Send the frames of a shared fetch; only queues work on a busy connection."""
+
+    def cohort_member(self) -> tuple[Any, int] | None:
+        """The secret and its generation, for grouping with equal secrets; None once closed."""
+
+    def push_cohort(self, shared: SharedFrames, generation: int) -> None:
+        """Send frames fetched with this subscriber's secret of ``generation``, unless it changed since."""
+
+    def cohort_failed(self, key: EntityKey, exc: Exception, generation: int) -> None:
+        """A fetch of ``key`` with this subscriber's secret failed (logged already): tell it and retry."""
 
     def heartbeat(self) -> None:
         """Ping the client, closing it if it never answered the last ping."""
@@ -34,6 +43,14 @@ class Subscriber(Protocol):
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Close the connection."""
+
+
+class CohortFetches(Protocol):
+    """Where changed keys of per-user entities go, to be fetched once per distinct secret
+    (implemented by :class:`~entitysync_sync.cohorts.Cohorts`)."""
+
+    def request(self, key: EntityKey, hub: Hub) -> None:
+        """``key`` changed: refresh it for its subscribers in ``hub``; only queues work."""
 
 
 class SharedFetches(Protocol):
@@ -58,11 +75,14 @@ class Hub:
 
     :param tasks: where the connections run their background work.
     :param fanout: where keys of shared entities go, if any are registered.
+    :param cohorts: where keys of per-user entities go; without it each subscriber refreshes alone.
     """
 
-    def __init__(self, tasks: Tasks | None = None, fanout: SharedFetches | None = None) -> None:
+    def __init__(self, tasks: Tasks | None = None, fanout: SharedFetches | None = None,
+                 cohorts: CohortFetches | None = None) -> None:
         self.tasks = tasks if tasks is not None else Tasks("entitysync-hub")
         self.fanout = fanout
+        self.cohorts = cohorts
         self._lock = threading.Lock()
         self._connections: set[Subscriber] = set()
         self._subscribers: dict[EntityKey, set[Subscriber]] = {}
@@ -116,11 +136,15 @@ class Hub:
 
     def deliver(self, keys: Sequence[EntityKey]) -> None:
         """Ask every local subscriber of each key to refresh it."""
-        fanout = self.fanout
+        fanout, cohorts = self.fanout, self.cohorts
         for key in keys:
-            if fanout is not None and key in self._subscribers and fanout.handles(key):
-                fanout.request(key, self)
-                continue
+            if key in self._subscribers:
+                if fanout is not None and fanout.handles(key):
+                    fanout.request(key, self)
+                    continue
+                if cohorts is not None:
+                    cohorts.request(key, self)
+                    continue
             with self._lock:
                 conns = tuple(self._subscribers.get(key, ()))
             for conn in conns:

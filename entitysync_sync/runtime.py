@@ -21,6 +21,7 @@ from flask import Flask
 
 from . import protocol as p
 from .bus import Bus, bus_from_url
+from .cohorts import Cohorts
 from .concurrency import OncePerProcess, Tasks
 from .connection import ConnectionLimits
 from .exceptions import ConfigError
@@ -72,7 +73,8 @@ class Runtime:
         self.tasks = Tasks("entitysync")
         self.fanout = Fanout(self.handlers, self.tasks, self.settings.envelope, self.settings.fetch_retry_max,
                              self.settings.shared_cache_size)
-        self.hub = Hub(self.tasks, self.fanout)
+        self.cohorts = Cohorts(self.handlers, self.tasks, self.settings.envelope)
+        self.hub = Hub(self.tasks, self.fanout, self.cohorts)
 
     def _make_bus(self) -> Bus:
         return bus_from_url(self.settings.bus_url, buffer_size=self.settings.publish_buffer,

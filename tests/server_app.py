@@ -111,6 +111,12 @@ def create_app() -> Flask:
         count(key)
         return {"id": key.id, "secret": secret, "value": value(key)}
 
+    @es.entity("slowwhoami")
+    def slowwhoami(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        time.sleep(SLOW_FETCH_SECONDS)
+        return {"id": key.id, "secret": secret, "value": value(key)}
+
     @es.entity("hang")
     def hang(key: EntityKey, secret: Any) -> Any:
         count(key)
