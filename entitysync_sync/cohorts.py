@@ -14,6 +14,11 @@ handed the group's frames (its secret change refreshes it instead), so a
 cohort never hands one user's rows to another. Secrets that cannot be
 hashed are never grouped.
 
+An entity registered with ``batch=True`` is fetched with one call per
+``batch_size`` distinct secrets instead of one call per secret; a call that
+fails, or returns the wrong number of results, fails for every subscriber in
+it.
+
 Notifications that arrive during a key's refresh queue exactly one more
 refresh, as for shared fetches, so the last frames every subscriber gets
 reflect state read after the last notification.
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Hashable, Protocol
+from typing import Any, Callable, Hashable, Protocol
 
 from . import protocol as p
 from .concurrency import Tasks
@@ -40,6 +45,12 @@ class CohortHandlers(Protocol):
 
     def fetch(self, key: EntityKey, secret: Any) -> p.FetchResult:
         """The row or rows of ``key`` for ``secret`` as JSON texts, or ``None``."""
+
+    def is_batch(self, entity: str) -> bool:
+        """Whether ``entity`` was registered with ``batch=True``."""
+
+    def fetch_batch(self, key: EntityKey, secrets: list[Any]) -> list[p.FetchResult]:
+        """One call of a batch fetch: one result per secret, in order."""
 
 
 class _Group:
@@ -65,8 +76,10 @@ def _identity(secret: Any) -> Hashable | None:
 class Cohorts:
     """Refreshes per-user keys with one fetch per distinct secret among their local subscribers."""
 
-    def __init__(self, handlers: CohortHandlers, tasks: Tasks, envelope: bool = True) -> None:
+    def __init__(self, handlers: CohortHandlers, tasks: Tasks, envelope: bool = True,
+                 batch_size: int = 500) -> None:
         self._handlers = handlers
+        self._batch_size = batch_size
         self._tasks = tasks
         self._envelope = envelope
         self._lock = threading.Lock()
@@ -116,41 +129,68 @@ class Cohorts:
                     groups[identity] = group
             group.members.append((conn, generation))
         todo = [*groups.values(), *alone]
-        if len(todo) == 1:
-            self._fetch_group(key, todo[0])
+        if not todo:
             return
-        # Groups fetch side by side, as each subscriber's refresh did: a slow query for one
-        # user does not hold up the others.
+        if self._handlers.is_batch(key.entity):
+            size = self._batch_size
+            chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+            self._side_by_side(lambda chunk: self._fetch_chunk(key, chunk), chunks)
+        else:
+            self._side_by_side(lambda group: self._fetch_group(key, group), todo)
+
+    def _side_by_side(self, fn: Callable[[Any], None], units: list[Any]) -> None:
+        """Run ``fn`` on every unit at once and wait for all of them, as each subscriber's
+        refresh ran on its own: a slow query for one user does not hold up the others."""
+        if len(units) == 1:
+            fn(units[0])
+            return
         done = threading.Event()
-        left = [len(todo)]
+        left = [len(units)]
         lock = threading.Lock()
 
-        def one(group: _Group) -> None:
+        def one(unit: Any) -> None:
             try:
-                self._fetch_group(key, group)
+                fn(unit)
             finally:
                 with lock:
                     left[0] -= 1
                     if not left[0]:
                         done.set()
 
-        for group in todo:
-            self._tasks.spawn(one, group)
+        for unit in units:
+            self._tasks.spawn(one, unit)
         done.wait()
+
+    def _fetch_chunk(self, key: EntityKey, chunk: list[_Group]) -> None:
+        try:
+            results = self._handlers.fetch_batch(key, [group.secret for group in chunk])
+        except Exception as exc:
+            self._failed(key, exc, chunk)
+            return
+        self._failures.forget(key)
+        for group, result in zip(chunk, results, strict=True):
+            self._deliver(key, group, result)
 
     def _fetch_group(self, key: EntityKey, group: _Group) -> None:
         try:
             result = self._handlers.fetch(key, group.secret)
         except Exception as exc:
-            # Logged once for the whole refresh; each member counts it quietly and retries.
-            self._failures.failed(key, exc, _no_retry)
-            for conn, generation in group.members:
-                conn.cohort_failed(key, exc, generation)
+            self._failed(key, exc, [group])
             return
         self._failures.forget(key)
+        self._deliver(key, group, result)
+
+    def _deliver(self, key: EntityKey, group: _Group, result: p.FetchResult) -> None:
         shared = encode_shared(key, result, self._envelope)
         for conn, generation in group.members:
             conn.push_cohort(shared, generation)
+
+    def _failed(self, key: EntityKey, exc: Exception, groups: list[_Group]) -> None:
+        """Logged once for the whole call; each member hears of it, counts it quietly and retries."""
+        self._failures.failed(key, exc, _no_retry)
+        for group in groups:
+            for conn, generation in group.members:
+                conn.cohort_failed(key, exc, generation)
 
 
 def encode_shared(key: EntityKey, result: p.FetchResult, envelope: bool) -> SharedFrames:

@@ -73,7 +73,7 @@ class Runtime:
         self.tasks = Tasks("entitysync")
         self.fanout = Fanout(self.handlers, self.tasks, self.settings.envelope, self.settings.fetch_retry_max,
                              self.settings.shared_cache_size)
-        self.cohorts = Cohorts(self.handlers, self.tasks, self.settings.envelope)
+        self.cohorts = Cohorts(self.handlers, self.tasks, self.settings.envelope, self.settings.batch_size)
         self.hub = Hub(self.tasks, self.fanout, self.cohorts)
 
     def _make_bus(self) -> Bus:

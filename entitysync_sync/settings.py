@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "ENTITYSYNC_RATE_LIMIT": 200.0,
     "ENTITYSYNC_RATE_BURST": 2000,
     "ENTITYSYNC_SHARED_CACHE_SIZE": 64 << 20,
+    "ENTITYSYNC_BATCH_SIZE": 500,
 }
 
 
@@ -53,6 +54,7 @@ class Settings:
     rate_limit: float
     rate_burst: int
     shared_cache_size: int
+    batch_size: int
 
 
 def _bool(config: MutableMapping[str, Any], key: str) -> bool:
@@ -140,4 +142,5 @@ def load_settings(config: MutableMapping[str, Any]) -> Settings:
         rate_limit=_rate(config, "ENTITYSYNC_RATE_LIMIT"),
         rate_burst=_positive_int(config, "ENTITYSYNC_RATE_BURST"),
         shared_cache_size=_size_or_off(config, "ENTITYSYNC_SHARED_CACHE_SIZE"),
+        batch_size=_positive_int(config, "ENTITYSYNC_BATCH_SIZE"),
     )
