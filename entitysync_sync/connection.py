@@ -500,7 +500,7 @@ class Connection:
             self._outbox.clear()
             self._outbox_size = 0
         self._hub.remove(self, subscriptions)
-        if code not in (1000, p.CLOSE_GOING_AWAY):
+        if code not in (1000, p.CLOSE_GOING_AWAY, p.CLOSE_SERVICE_RESTART):
             log.warning("closing a connection with %d: %s", code, reason)
         try:
             self._transport.close(code, reason)

@@ -179,11 +179,22 @@ class Hub:
         for conn in conns:
             conn.heartbeat()
 
-    def close_all(self, code: int, reason: str) -> None:
-        """Close every local connection, e.g. when the worker shuts down."""
+    def close_all(self, code: int, reason: str, over: float = 0.0) -> None:
+        """Close every local connection, e.g. when the worker shuts down.
+
+        With ``over`` (seconds) the closes are spread evenly over that time,
+        the first at once, so that their clients do not all reconnect
+        elsewhere in the same second; the rest go at once if the hub's tasks
+        are closed meanwhile.
+        """
         with self._lock:
             conns = tuple(self._connections)
-        for conn in conns:
+        step = over / len(conns) if conns else 0.0
+        start = time.monotonic()
+        for i, conn in enumerate(conns):
+            delay = start + i * step - time.monotonic()
+            if delay > 0.01 and self.tasks.wait(delay):
+                step = 0.0
             conn.close(code, reason)
 
     @property

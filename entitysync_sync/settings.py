@@ -29,6 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "ENTITYSYNC_RATE_BURST": 2000,
     "ENTITYSYNC_SHARED_CACHE_SIZE": 64 << 20,
     "ENTITYSYNC_BATCH_SIZE": 500,
+    "ENTITYSYNC_DRAIN_SECONDS": 10.0,
 }
 
 
@@ -55,6 +56,7 @@ class Settings:
     rate_burst: int
     shared_cache_size: int
     batch_size: int
+    drain_seconds: float
 
 
 def _bool(config: MutableMapping[str, Any], key: str) -> bool:
@@ -143,4 +145,5 @@ def load_settings(config: MutableMapping[str, Any]) -> Settings:
         rate_burst=_positive_int(config, "ENTITYSYNC_RATE_BURST"),
         shared_cache_size=_size_or_off(config, "ENTITYSYNC_SHARED_CACHE_SIZE"),
         batch_size=_positive_int(config, "ENTITYSYNC_BATCH_SIZE"),
+        drain_seconds=_seconds_or_off(config, "ENTITYSYNC_DRAIN_SECONDS"),
     )

@@ -21,7 +21,7 @@ var EntitySync = class EntitySync {
   // The src of this script, read while it runs; the default URL derives from it.
   static src = typeof document !== "undefined" && document.currentScript ? document.currentScript.src : "";
 
-  static defaults = {minDelay: 500, maxDelay: 30000, heartbeat: 25000, timeout: 10000};
+  static defaults = {minDelay: 500, maxDelay: 30000, heartbeat: 25000, timeout: 10000, restartDelay: 5000};
 
   constructor(url, options) {
     if (url && typeof url === "object") [url, options] = [null, url];
@@ -128,18 +128,21 @@ var EntitySync = class EntitySync {
       this._idle();
       this._receive(event.data);
     };
-    ws.onclose = () => {
-      if (this._ws === ws) this._retry();
+    ws.onclose = (event) => {
+      // A server going away or restarting closes its clients a few at a time: wait a random
+      // part of restartDelay, so that they do not all come back in the same second either.
+      const restart = event.code === 1001 || event.code === 1012;
+      if (this._ws === ws) this._retry(restart ? Math.random() * this.options.restartDelay : null);
     };
   }
 
-  _retry() {
+  _retry(wait) {
     this._halt();
     this._setState("closed");
     if (this._stopped) return;
     const {minDelay, maxDelay} = this.options;
     const delay = Math.min(maxDelay, minDelay * 2 ** this._attempt++);
-    this._timer = setTimeout(() => this._connect(), delay / 2 + (Math.random() * delay) / 2);
+    this._timer = setTimeout(() => this._connect(), wait ?? delay / 2 + (Math.random() * delay) / 2);
   }
 
   // Traffic arrived: if the line then goes quiet for `heartbeat` ms, probe it.
