@@ -1,7 +1,8 @@
 """Benchmarks of entitysync_sync against Flask-SocketIO and the raw socket loop, on real servers.
 
 ``python -m bench`` runs every scenario; ``python -m bench --only NAME[,NAME]``
-runs some alone (``fanout``, ``per_user``, ``cross``, ``compression``), and
+runs some alone (``fanout``, ``per_user``, ``cross``, ``compression``, ``storm``,
+``cohorts``), and
 ``--quick`` shrinks every size (see :mod:`bench.__main__`, ``--help``).
 Benchmarks print figures; they assert nothing about timings.
 
@@ -14,6 +15,8 @@ One harness serves every scenario:
 * :mod:`bench.client`: the load client, asyncio websocket connections in one process;
 * :mod:`bench.measure`: the steps scenarios share (memory while connecting, fan-out, settling);
 * the scenarios: :mod:`bench.fanout` (a, c, d), :mod:`bench.per_user` (b, e),
-  :mod:`bench.cross` (d across two servers), :mod:`bench.compression` (f);
+  :mod:`bench.cross` (d across two servers), :mod:`bench.compression` (f),
+  :mod:`bench.storm` (g, a reconnect storm after a restart), :mod:`bench.cohorts`
+  (h, per-user keys with cohorts and batch fetch);
 * :mod:`bench.report`: the printed tables.
 """

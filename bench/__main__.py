@@ -2,14 +2,16 @@
 
 Run from the project root (``pip install -e '.[bench]'``)::
 
-    python -m bench [--only fanout,per_user,cross,compression] [--quick] [--help for sizes]
+    python -m bench [--only fanout,per_user,cross,compression,storm,cohorts] [--quick] [--help for sizes]
 
 The scenarios, in the order they run (see each module):
 
 * ``fanout`` (:mod:`bench.fanout`): a. fan-out, c. memory, d. latency on one server;
 * ``per_user`` (:mod:`bench.per_user`): b. throughput and e. burst with per-user fetches;
 * ``cross`` (:mod:`bench.cross`): d. latency across two servers on Redis and NSQ, NSQ ingest;
-* ``compression`` (:mod:`bench.compression`): f. what permessage-deflate costs.
+* ``compression`` (:mod:`bench.compression`): f. what permessage-deflate costs;
+* ``storm`` (:mod:`bench.storm`): g. every client reconnecting at once after a restart;
+* ``cohorts`` (:mod:`bench.cohorts`): h. 1,000 subscribers of one per-user key: cohorts and batch fetch.
 
 Results are printed (:mod:`bench.report`) and written to ``bench/results/suite.json``;
 the servers' logs go next to it.
@@ -25,7 +27,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from bench import compression, cross, fanout, per_user
+from bench import cohorts, compression, cross, fanout, per_user, storm
 from bench.report import PARTS, machine, report, rows_of
 from bench.server import RESULTS_DIR, ROOT
 
@@ -46,6 +48,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ingest", type=int, default=50000, help="notifications published into nsqd (d) [50000]")
     parser.add_argument("--deflate-connections", type=int, default=2000, help="clients per server (f) [2000]")
     parser.add_argument("--deflate-notifies", type=int, default=20, help="notifies per server (f) [20]")
+    parser.add_argument("--storm-connections", type=int, default=2000, help="clients in the reconnect storm (g) [2000]")
+    parser.add_argument("--cohort-repeats", type=int, default=20, help="notifies per cohort case (h) [20]")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness runs (~1 min)")
     args = parser.parse_args(argv)
     args.only = [part for part in args.only.split(",") if part] or list(PARTS)
@@ -55,6 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.connections, args.fanout, args.repeats, args.latency_repeats = 1000, [100, 1000], 2, 3
         args.seconds, args.burst, args.ingest = 1.0, 1000, 5000
         args.deflate_connections, args.deflate_notifies = 500, 3
+        args.storm_connections, args.cohort_repeats = 500, 3
     return args
 
 
@@ -64,6 +69,8 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[list[dict[str, Any
     "per_user": per_user.run,
     "cross": cross.run,
     "compression": compression.run,
+    "storm": storm.run,
+    "cohorts": cohorts.run,
 }
 
 
