@@ -1,9 +1,11 @@
 """The subscription map of one server: which local connections want which keys.
 
 The hub is the bus's sink. A key received from the bus is looked up here and
-each local subscriber is asked to refresh it; that only queues work on the
-connection, so delivering a key costs one dictionary lookup plus one queue
-operation per subscriber, however slow their fetches or sockets are.
+handed to the fan-out (a shared entity: one fetch for everyone) or to the
+cohorts (a per-user entity: one fetch per distinct secret), or, without
+those, each local subscriber is asked to refresh it. All of these only queue
+work, so delivering a key costs a dictionary lookup and a queue operation,
+however slow the fetches or sockets are.
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ class Hub:
     # -- the bus sink ----------------------------------------------------------
 
     def deliver(self, keys: Sequence[EntityKey]) -> None:
-        """Ask every local subscriber of each key to refresh it."""
+        """Refresh each key for its local subscribers (through the fan-out or the cohorts)."""
         fanout, cohorts = self.fanout, self.cohorts
         for key in keys:
             if key in self._subscribers:
