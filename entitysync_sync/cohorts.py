@@ -6,7 +6,9 @@ The subscribers are grouped by their secret (a user with five tabs is one
 group); each group's key is fetched once, with that secret, its frames are
 encoded once, and every member gets them through its own writer, exactly
 like a shared fetch (:mod:`entitysync_sync.fanout`), so a slow member still
-delays only itself.
+delays only itself. A subscriber alone with its secret is asked to refresh
+on its own instead, as without cohorts: its connection's worker fetches,
+which costs less than a group of one.
 
 A member is identified with the secret *and* the secret's generation it had
 when the group was formed: a member whose secret changed meanwhile is not
@@ -95,23 +97,40 @@ class Cohorts:
                 self._running[key] = True
                 return
             self._running[key] = False
-        self._tasks.spawn(self._run, key, hub)
+        self._rounds(key, hub)
 
-    def _run(self, key: EntityKey, hub: Hub) -> None:
+    def _rounds(self, key: EntityKey, hub: Hub) -> None:
+        """Group the subscribers; a fetch for the groups goes to a task, the rest is queued here."""
+        while True:
+            todo = self._group(key, hub)
+            if todo:
+                self._tasks.spawn(self._run, key, hub, todo)
+                return
+            if self._done(key):
+                return
+
+    def _done(self, key: EntityKey) -> bool:
+        """End the key's refresh, unless a notification asked for another meanwhile."""
+        with self._lock:
+            if not self._running[key]:
+                del self._running[key]
+                return True
+            self._running[key] = False
+            return False
+
+    def _run(self, key: EntityKey, hub: Hub, todo: list[_Group]) -> None:
         try:
-            while True:
-                self._refresh(key, hub)
-                with self._lock:
-                    if not self._running[key]:
-                        del self._running[key]
-                        return
-                    self._running[key] = False
+            self._fetch(key, todo)
         except BaseException:
             with self._lock:
                 self._running.pop(key, None)
             raise
+        if not self._done(key):
+            self._rounds(key, hub)
 
-    def _refresh(self, key: EntityKey, hub: Hub) -> None:
+    def _group(self, key: EntityKey, hub: Hub) -> list[_Group]:
+        """The groups to fetch together. A subscriber alone with its secret refreshes on its
+        own instead (its connection's worker fetches), unless the entity fetches in batches."""
         groups: dict[Hashable, _Group] = {}
         alone: list[_Group] = []
         for conn in hub.subscribers(key):
@@ -129,8 +148,17 @@ class Cohorts:
                     groups[identity] = group
             group.members.append((conn, generation))
         todo = [*groups.values(), *alone]
-        if not todo:
-            return
+        if self._handlers.is_batch(key.entity):
+            return todo
+        together = []
+        for group in todo:
+            if len(group.members) > 1:
+                together.append(group)
+            else:
+                group.members[0][0].request_refresh(key)
+        return together
+
+    def _fetch(self, key: EntityKey, todo: list[_Group]) -> None:
         if self._handlers.is_batch(key.entity):
             size = self._batch_size
             chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
