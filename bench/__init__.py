@@ -2,7 +2,7 @@
 
 ``python -m bench`` runs every scenario; ``python -m bench --only NAME[,NAME]``
 runs some alone (``fanout``, ``per_user``, ``cross``, ``compression``, ``routing``,
-``redis_cost``; ``pg`` runs only when named), and
+``redis_cost``, ``storm``, ``cohorts``; ``pg`` runs only when named), and
 ``--quick`` shrinks every size (see :mod:`bench.__main__`, ``--help``).
 Benchmarks print figures; they assert nothing about timings.
 
@@ -16,6 +16,7 @@ One harness serves every scenario:
 * :mod:`bench.measure`: the steps scenarios share (memory while connecting, fan-out, settling);
 * the scenarios: :mod:`bench.fanout` (a, c, d), :mod:`bench.per_user` (b, e),
   :mod:`bench.cross` (d across two servers), :mod:`bench.compression` (f), :mod:`bench.pg` (g),
-  :mod:`bench.routing` (h), :mod:`bench.redis_cost` (i);
+  :mod:`bench.routing` (h), :mod:`bench.redis_cost` (i), :mod:`bench.storm` (j, a reconnect
+  storm after a restart), :mod:`bench.cohorts` (k, per-user keys with cohorts and batch fetch);
 * :mod:`bench.report`: the printed tables.
 """

@@ -2,7 +2,7 @@
 
 Run from the project root (``pip install -e '.[bench]'``)::
 
-    python -m bench [--only fanout,per_user,cross,compression,routing,redis_cost,pg] [--quick] [--help for sizes]
+    python -m bench [--only fanout,per_user,cross,compression,routing,redis_cost,storm,cohorts,pg] [--quick]
 
 The scenarios, in the order they run (see each module):
 
@@ -14,6 +14,8 @@ The scenarios, in the order they run (see each module):
   when named (``--only pg``), as it needs PostgreSQL and ``pgbench``.
 * ``routing`` (:mod:`bench.routing`): h. entity against key routing, four servers on Redis;
 * ``redis_cost`` (:mod:`bench.redis_cost`): i. what key routing costs a Redis server of its own.
+* ``storm`` (:mod:`bench.storm`): j. every client reconnecting at once after a restart;
+* ``cohorts`` (:mod:`bench.cohorts`): k. 1,000 subscribers of one per-user key: cohorts and batch fetch.
 
 Results are printed (:mod:`bench.report`) and written to ``bench/results/suite.json``;
 the servers' logs go next to it.
@@ -29,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from bench import compression, cross, fanout, per_user, pg, redis_cost, routing
+from bench import cohorts, compression, cross, fanout, per_user, pg, redis_cost, routing, storm
 from bench.report import ON_REQUEST, PARTS, machine, report, rows_of
 from bench.server import RESULTS_DIR, ROOT
 
@@ -57,6 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--channels", type=int, default=100000, help="key channels subscribed in Redis (i) [100000]")
     parser.add_argument("--publishes", type=int, default=200000, help="PUBLISH commands per routing (i) [200000]")
     pg.add_arguments(parser)
+    parser.add_argument("--storm-connections", type=int, default=2000, help="clients in the reconnect storm (j) [2000]")
+    parser.add_argument("--cohort-repeats", type=int, default=20, help="notifies per cohort case (k) [20]")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness runs (~1 min)")
     args = parser.parse_args(argv)
     args.only = [part for part in args.only.split(",") if part] or [p for p in PARTS if p not in ON_REQUEST]
@@ -68,6 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.deflate_connections, args.deflate_notifies = 500, 3
         args.routing_notifications, args.channels, args.publishes = 2000, 10000, 20000
         args.pg_seconds = 2
+        args.storm_connections, args.cohort_repeats = 500, 3
     return args
 
 
@@ -80,6 +85,8 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Awaitable[list[dict[str, Any
     "pg": pg.run,
     "routing": routing.run,
     "redis_cost": redis_cost.run,
+    "storm": storm.run,
+    "cohorts": cohorts.run,
 }
 
 

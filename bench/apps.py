@@ -14,8 +14,9 @@ Two entities: ``shared`` (the same rows for everyone) and ``items`` (rows
 fetched for each subscriber with its secret, the ``user`` query parameter;
 here a trivial fetch that only echoes the secret's length).
 
-* ``entitysync_app()``: entitysync_sync, ``@es.entity("shared", shared=True)``
-  and ``@es.entity("items")``; configured from ``FLASK_*`` variables (the bus
+* ``entitysync_app()``: entitysync_sync, ``@es.entity("shared", shared=True)``,
+  ``@es.entity("items")`` and ``@es.entity("batchitems", batch=True)`` (the
+  per-user rows, fetched with one call for many secrets); configured from ``FLASK_*`` variables (the bus
   URL, ``FLASK_ENTITYSYNC_COMPRESSION``).
 * ``socketio_app()``: Flask-SocketIO 5, ``async_mode="gevent"`` (its websocket
   runs on simple-websocket). A client emits ``subscribe`` with the key; the
@@ -102,6 +103,11 @@ def entitysync_app() -> Flask:
     def fetch_item(key: EntityKey, secret: Any) -> dict[str, Any]:
         _fetches[str(key)] += 1
         return row(key.id, secret)
+
+    @es.entity("batchitems", batch=True)
+    def fetch_items(key: EntityKey, secrets: list[Any]) -> list[dict[str, Any]]:
+        _fetches[str(key)] += 1  # one per call, however many secrets
+        return [row(key.id, secret) for secret in secrets]
 
     @es.identify
     def identify() -> Any:

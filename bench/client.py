@@ -113,6 +113,17 @@ class Conn(asyncio.Protocol):
         self.pushes = 0
         self.target = 0
         self.last = b""
+        #: Users: with ``users`` set, connection ``i`` is user ``u<i % users>`` (tabs of one user share it).
+        self.users = 0
+        #: Key id -> the version to send with its subscribe (and a ref, so an ack tells it was handled).
+        self.resume: dict[str, str] | None = None
+        #: Key id -> the version of its last push, when tracked.
+        self.versions: dict[str, str] | None = None
+        #: Pushes to wait for before ready, when resuming (the keys whose rows changed).
+        self.expect = 0
+        self.acks = 0
+        #: Bytes of push frames' payloads received, by key id, when tracked.
+        self.push_bytes: dict[str, int] | None = None
         self.buf = bytearray()
         self.upgraded = False
         self.transport: asyncio.Transport | None = None
@@ -127,7 +138,7 @@ class Conn(asyncio.Protocol):
         key = base64.b64encode(os.urandom(16)).decode()
         target = self.path
         if self.user:
-            target += f"{'&' if '?' in target else '?'}user=u{self.index}"
+            target += f"{'&' if '?' in target else '?'}user=u{self.index % self.users if self.users else self.index}"
         offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" if self.offer_deflate else ""
         transport.write(
             f"GET {target} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n{offer}"
@@ -190,7 +201,11 @@ class Conn(asyncio.Protocol):
     def _subscribe(self) -> None:
         for entity, id in self.keys:
             body = {"entity": entity, "id": id}
-            if self.dialect == "ws":
+            if self.dialect == "ws" and self.resume is not None:
+                if id in self.resume:
+                    body["v"] = self.resume[id]
+                self.send_text(json.dumps({"action": "subscribe", "body": body, "ref": id}))
+            elif self.dialect == "ws":
                 self.send_text(json.dumps({"action": "subscribe", "body": body}))
             else:
                 self.send_text("42" + json.dumps(["subscribe", body]))
@@ -210,11 +225,28 @@ class Conn(asyncio.Protocol):
                 return
             else:
                 return
+        elif payload.startswith(b'{"action":"ack"'):
+            self.acks += 1
+            self._check_resumed()
+            return
         self.pushes += 1
         self.last = payload
-        if not self.ready.done() and self.pushes >= len(self.keys):
+        if self.versions is not None or self.push_bytes is not None:
+            frame = json.loads(payload[2:])[1] if self.dialect == "socketio" else json.loads(payload)
+            id = frame.get("key", {}).get("id")
+            if self.versions is not None and "v" in frame:
+                self.versions[id] = frame["v"]
+            if self.push_bytes is not None:
+                self.push_bytes[id] = self.push_bytes.get(id, 0) + len(payload)
+        if self.resume is not None:
+            self._check_resumed()
+        elif not self.ready.done() and self.pushes >= len(self.keys):
             self.ready.set_result(None)
         self.tracker.on_push(self)
+
+    def _check_resumed(self) -> None:
+        if not self.ready.done() and self.acks >= len(self.keys) and self.pushes >= self.expect:
+            self.ready.set_result(None)
 
     def value(self) -> Any:
         """The ``value`` of the row in the last push."""
@@ -245,7 +277,7 @@ class Conn(asyncio.Protocol):
 
 async def open_conns(port: int, dialect: str, path: str, keys_for: Callable[[int], Sequence[tuple[str, str]]],
                      tracker: Tracker, start: int, count: int, user: bool = True,
-                     deflate: bool = False) -> list[Conn]:
+                     deflate: bool = False, users: int = 0) -> list[Conn]:
     """Open connections ``start`` .. ``start+count-1``, each subscribed and holding its first pushes.
 
     ``BATCH`` connect at once; if any fails, every one opened is closed and the first error raised.
@@ -253,9 +285,13 @@ async def open_conns(port: int, dialect: str, path: str, keys_for: Callable[[int
     loop = asyncio.get_running_loop()
     conns: list[Conn] = []
 
+    def make(i: int) -> Conn:
+        conn = Conn(dialect, path, keys_for(i), tracker, i, user, deflate)
+        conn.users = users
+        return conn
+
     async def one(i: int) -> Conn:
-        _, conn = await loop.create_connection(
-            lambda: Conn(dialect, path, keys_for(i), tracker, i, user, deflate), HOST, port)
+        _, conn = await loop.create_connection(lambda: make(i), HOST, port)
         conns.append(conn)
         await conn.ready
         return conn

@@ -16,7 +16,7 @@ from typing import Any
 from bench.systems import ES_PER_USER, RAW, SOCKETIO
 
 #: The scenarios' parts of a result, in the order they run.
-PARTS = ("fanout", "per_user", "cross", "compression", "pg", "routing", "redis_cost")
+PARTS = ("fanout", "per_user", "cross", "compression", "pg", "routing", "redis_cost", "storm", "cohorts")
 #: Parts that run only when named with ``--only``.
 ON_REQUEST = ("pg",)
 
@@ -208,6 +208,24 @@ def _redis_cost(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _storm(result: dict[str, Any]) -> str:
+    rows = [[r["server"], str(r.get("clients", "-")), str(r.get("fetches", "-")),
+             _f(r.get("seconds_to_current"), ".2f"), _f(r.get("unchanged_bytes"), ".0f"),
+             _f(r.get("full_resend_bytes"), ".0f"),
+             _f(100 * r["unchanged_share"], ".1f") if r.get("unchanged_share") is not None else "-"]
+            for r in result.get("storm", [])]
+    return table("j. reconnect storm: clients x 5 of 10 shared keys, the server restarts (one key changed meanwhile),"
+                 " everyone reconnects at once", ["server", "clients", "fetches on the new server",
+                 "s until all current", "bytes, unchanged keys", "bytes of a full resend", "% of full"], rows)
+
+
+def _cohorts(result: dict[str, Any]) -> str:
+    rows = [[r["server"], _f(r.get("fetch_calls_per_notify"), ".1f"), _f(r.get("cpu_us_per_frame")),
+             _f(r.get("p50_ms")), _f(r.get("p99_ms"))] for r in result.get("cohorts", [])]
+    return table("k. cohorts and batch fetch: 1,000 subscribers of one per-user key",
+                 ["server", "fetch calls / notify", "CPU us/push", "p50 ms", "p99 ms"], rows)
+
+
 def report(result: dict[str, Any]) -> str:
     """The whole printed report of one run."""
     info = result["machine"]
@@ -217,7 +235,7 @@ def report(result: dict[str, Any]) -> str:
         "servers: gunicorn -k gevent -w 1 each; load: one asyncio client process on the same machine",
     ])
     tables = [t(result) for t in (_fanout, _memory, _latency, _throughput, _burst, _compression, _pg, _routing,
-                                  _redis_cost)]
+                                  _redis_cost, _storm, _cohorts)]
     problems = []
     for r in rows_of(result):
         if "error" in r:

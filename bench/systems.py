@@ -48,6 +48,7 @@ SOCKETIO = System("flask-socketio", "socketio", "shared")
 SOCKETIO_PER_USER = System("flask-socketio per-sid", "socketio", "items")
 RAW = System("raw sendall loop", "raw", "shared")
 RAW_PER_USER = System("raw per-socket", "raw", "items")
+ES_BATCH = System("entitysync batch", "entitysync", "batchitems")
 
 ES_COMPRESSION_OFF = System("entitysync compression=off", "entitysync", "items")
 ES_COMPRESSION_ON = System("entitysync compression=on", "entitysync", "items",

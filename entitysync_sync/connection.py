@@ -117,6 +117,8 @@ class Connection:
         self._lock = threading.Lock()
         self._subscriptions: set[EntityKey] = set()
         self._pending: dict[EntityKey, None] = {}
+        #: Versions the client said it holds, each spared once by an equal result.
+        self._held: dict[EntityKey, str] = {}
         self._outbox: deque[str | EncodedFrame] = deque()
         self._outbox_size = 0
         self._working = False
@@ -156,7 +158,7 @@ class Connection:
             self._error(exc.code, exc.message, exc.ref)
             return
         if isinstance(msg, p.Subscribe):
-            self._subscribe(msg.key, msg.ref)
+            self._subscribe(msg.key, msg.ref, msg.version)
         elif isinstance(msg, p.Unsubscribe):
             self._unsubscribe(msg.key, msg.ref)
         elif isinstance(msg, p.SetSecret):
@@ -178,7 +180,7 @@ class Connection:
         self._tokens -= 1
         return True
 
-    def _subscribe(self, key: EntityKey, ref: p.Ref) -> None:
+    def _subscribe(self, key: EntityKey, ref: p.Ref, version: str | None = None) -> None:
         if not self._handlers.has_entity(key.entity):
             self._error(p.UNKNOWN_ENTITY, f"no entity {key.entity!r} is registered", ref, key)
             return
@@ -200,10 +202,15 @@ class Connection:
             if self.closed:
                 return
             self._subscriptions.add(key)
+            # The version the client holds spares the next push if that push is the same.
+            if version is None:
+                self._held.pop(key, None)
+            else:
+                self._held[key] = version
         self._hub.subscribe(self, key)
         self._ack(ref)
         if self._limits.push_on_subscribe:
-            self.request_refresh(key)
+            self._push_current(key)
 
     def _authorized(self, key: EntityKey, secret: Any, ref: p.Ref) -> bool:
         try:
@@ -220,6 +227,7 @@ class Connection:
         with self._lock:
             self._subscriptions.discard(key)
             self._pending.pop(key, None)
+            self._held.pop(key, None)
             if self._shared:
                 self._shared.pop(key, None)
         self._failures.forget(key)
@@ -231,6 +239,10 @@ class Connection:
             self._secret = secret
             self._generation += 1
             keys = list(self._subscriptions)
+            # Frames waiting here that were fetched with the old secret go; their keys are fetched again.
+            stale = [key for key, shared in (self._shared or {}).items() if shared.personal]
+            for key in stale:
+                del self._shared[key]  # type: ignore[union-attr]
         # What a client may see depends on its secret: check its subscriptions again.
         kept = []
         for key in keys:
@@ -241,6 +253,9 @@ class Connection:
         self._ack(ref)
         if self._limits.push_on_subscribe:
             for key in kept:
+                self._push_current(key)
+        else:
+            for key in stale:
                 self.request_refresh(key)
 
     def _pass_through(self, raw: str) -> None:
@@ -283,6 +298,14 @@ class Connection:
             self.close(p.CLOSE_POLICY_VIOLATION, "outbox limit exceeded")
         elif start:
             self._hub.tasks.spawn(self._work)
+
+    def _push_current(self, key: EntityKey) -> None:
+        """Send the current state of ``key``: a shared key's comes from the fan-out's cache or fetch."""
+        fanout = self._hub.fanout
+        if fanout is not None and fanout.handles(key):
+            fanout.subscribe(key, self, self._hub)
+        else:
+            self.request_refresh(key)
 
     def request_refresh(self, key: EntityKey) -> None:
         """Schedule a fetch and push of ``key``; coalesces with one already pending."""
@@ -349,7 +372,7 @@ class Connection:
         elif frame.text:
             self._transport.send_text(frame.text)
 
-    def push_shared(self, shared: SharedFrames) -> None:
+    def push_shared(self, shared: SharedFrames, generation: int | None = None) -> None:
         """Send the frames of a shared fetch of a subscribed key.
 
         On an idle connection they are written at once, from the caller's
@@ -361,6 +384,10 @@ class Connection:
         with self._lock:
             if self.closed or shared.key not in self._subscriptions:
                 return
+            if generation is not None and generation != self._generation:
+                return  # fetched with a secret that is no longer this connection's
+            if self._held and shared.version is not None and self._held.pop(shared.key, None) == shared.version:
+                return  # the client holds these very rows
             if self._working:
                 if self._shared is None:
                     self._shared = {}
@@ -376,6 +403,29 @@ class Connection:
                 self._working = False
                 return
         self._hub.tasks.spawn(self._work)
+
+    def cohort_member(self) -> tuple[Any, int] | None:
+        """The secret and its generation, for grouping with subscribers holding an equal one."""
+        with self._lock:
+            return None if self.closed else (self._secret, self._generation)
+
+    def push_cohort(self, shared: SharedFrames, generation: int) -> None:
+        """Send frames fetched with this connection's secret of ``generation``.
+
+        Dropped if the secret changed since: the secret change refreshes the key itself.
+        """
+        self._failures.forget(shared.key)
+        self.push_shared(shared, generation)
+
+    def cohort_failed(self, key: EntityKey, exc: Exception, generation: int) -> None:
+        """A fetch of ``key`` with this connection's secret failed: tell the client once per run, retry."""
+        with self._lock:
+            if self.closed or generation != self._generation or key not in self._subscriptions:
+                return
+        if self._failures.failed(key, exc, self._retry, logged=True):
+            frames = p.encode_fetch_failed(key, failure_message(key, exc), self._limits.envelope)
+            for frame in frames:
+                self._enqueue(frame)
 
     def _write_now(self, frames: tuple[EncodedFrame, ...]) -> list[EncodedFrame]:
         """Write ``frames`` without waiting; the frames still to write (``FLUSH`` first if one was cut)."""
@@ -396,16 +446,23 @@ class Connection:
         return []
 
     def _refresh(self, key: EntityKey, secret: Any, generation: int) -> None:
+        version: str | None = None
         try:
             result = self._handlers.fetch(key, secret)
         except Exception as exc:
             frames = self._fetch_failed(key, exc)
         else:
             self._failures.forget(key)
-            frames = p.encode_result(key, result, self._limits.envelope)
+            if self._limits.envelope:
+                version = p.result_version(result)
+                frames = p.encode_result(key, result, True, version)
+            else:
+                frames = p.encode_result(key, result, False)
         with self._lock:
             if self.closed or key not in self._subscriptions or generation != self._generation:
                 return  # unsubscribed, or fetched with a secret that is no longer current
+            if version is not None and self._held and self._held.pop(key, None) == version:
+                return  # the client holds these very rows
             self._outbox.extend(frames)
             self._outbox_size += sum(map(len, frames))
 
@@ -442,10 +499,11 @@ class Connection:
             subscriptions = list(self._subscriptions)
             self._subscriptions.clear()
             self._pending.clear()
+            self._held.clear()
             self._outbox.clear()
             self._outbox_size = 0
         self._hub.remove(self, subscriptions)
-        if code not in (1000, p.CLOSE_GOING_AWAY):
+        if code not in (1000, p.CLOSE_GOING_AWAY, p.CLOSE_SERVICE_RESTART):
             log.warning("closing a connection with %d: %s", code, reason)
         try:
             self._transport.close(code, reason)

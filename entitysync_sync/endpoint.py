@@ -65,8 +65,11 @@ def serve(ws: Any) -> None:
 
 
 def _converse(runtime: Runtime, transport: WebSocketTransport) -> None:
-    if runtime.closed or runtime.draining:
+    if runtime.closed:
         transport.close(p.CLOSE_GOING_AWAY, "server shutting down")
+        return
+    if runtime.draining:
+        transport.close(p.CLOSE_SERVICE_RESTART, "server restarting")
         return
     runtime.ensure_started()
     secret = None
@@ -79,6 +82,8 @@ def _converse(runtime: Runtime, transport: WebSocketTransport) -> None:
             transport.close(p.CLOSE_INTERNAL_ERROR, "identify failed")
             return
     conn = Connection(transport, runtime.hub, runtime.handlers, runtime.limits, secret)
+    if runtime.draining:  # began while this one was being set up: the drain did not see it
+        conn.close(p.CLOSE_SERVICE_RESTART, "server restarting")
     limit = runtime.settings.max_message_bytes
     # With real threads simple-websocket can wake its reader before marking
     # itself closed; a periodic timeout lets this loop notice. Greenlets cannot race.

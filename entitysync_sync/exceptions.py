@@ -47,5 +47,9 @@ class ProtocolError(EntitySyncError):
         return f"ProtocolError({self.code!r}, {self.message!r})"
 
 
+class BatchFetchError(EntitySyncError):
+    """A batch fetch returned something other than one result per secret, in order."""
+
+
 class FetchTimeoutError(EntitySyncError, TimeoutError):
     """A fetch took longer than ``ENTITYSYNC_FETCH_TIMEOUT`` and was abandoned."""

@@ -76,7 +76,7 @@ class EntitySync:
 
     # -- registration ----------------------------------------------------------
 
-    def entity(self, name: str, *, shared: bool = False) -> Callable[[F], F]:
+    def entity(self, name: str, *, shared: bool = False, batch: bool = False) -> Callable[[F], F]:
         """Register ``fetch(key, secret)`` for the entity ``name``.
 
         ``fetch`` returns one row (sent as the push's ``"body"``); a set of
@@ -90,11 +90,19 @@ class EntitySync:
         subscriber: ``fetch`` is then called with ``secret=None``, once per
         notification per server, and every local subscriber gets the same
         frames, encoded once. ``authorize`` still decides who may subscribe.
+
+        ``batch=True`` registers ``fetch(key, secrets) -> results`` instead:
+        it gets the distinct secrets of the key's subscribers on this server
+        (at most ``ENTITYSYNC_BATCH_SIZE`` per call) and returns a sequence
+        holding one result per secret, in the same order, each what a plain
+        fetch returns. It cannot be ``shared``.
         """
         validate_entity(name)  # an invalid name raises here, at the decorator
+        if shared and batch:
+            raise ConfigError(f"entity {name!r}: a shared entity is fetched once for everyone; drop batch=True")
 
         def decorator(fetch: F) -> F:
-            self._registry.add_entity(name, fetch, shared)
+            self._registry.add_entity(name, fetch, shared, batch)
             return fetch
 
         return decorator

@@ -43,11 +43,14 @@ class FetchFailures:
         self._counts: dict[EntityKey, int] = {}
         self._lock = threading.Lock()
 
-    def failed(self, key: EntityKey, exc: BaseException, retry: Callable[[EntityKey], None]) -> bool:
-        """Count, log and schedule ``retry(key)``; True for the first failure of a run."""
+    def failed(self, key: EntityKey, exc: BaseException, retry: Callable[[EntityKey], None],
+               logged: bool = False) -> bool:
+        """Count, log (unless ``logged`` already) and schedule ``retry(key)``; True for the first failure of a run."""
         with self._lock:
             attempt = self._counts[key] = self._counts.get(key, 0) + 1
-        if attempt > 1:
+        if logged:
+            pass
+        elif attempt > 1:
             log.debug("fetch of %s failed again (attempt %d): %r", key, attempt, exc)
         elif isinstance(exc, FetchTimeoutError):
             log.warning("fetch of %s %s", key, exc)

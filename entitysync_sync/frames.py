@@ -64,3 +64,7 @@ class SharedFrames:
     size: int
     #: Why the fetch failed, if it did; the frames then hold a fetch_failed error.
     error: Exception | None = None
+    #: The result's version (see :func:`~entitysync_sync.protocol.result_version`), in envelope mode.
+    version: str | None = None
+    #: Fetched with one secret (a cohort's), not for everyone.
+    personal: bool = False

@@ -1,16 +1,18 @@
 """The subscription map of one server: which local connections want which keys.
 
 The hub is the bus's sink. A key received from the bus is looked up here and
-each local subscriber is asked to refresh it; that only queues work on the
-connection, so delivering a key costs one dictionary lookup plus one queue
-operation per subscriber, however slow their fetches or sockets are.
+handed to the fan-out (a shared entity: one fetch for everyone) or to the
+cohorts (a per-user entity: one fetch per distinct secret), or, without
+those, each local subscriber is asked to refresh it. All of these only queue
+work, so delivering a key costs a dictionary lookup and a queue operation,
+however slow the fetches or sockets are.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from .concurrency import Tasks
 from .frames import SharedFrames
@@ -23,8 +25,17 @@ class Subscriber(Protocol):
     def request_refresh(self, key: EntityKey) -> None:
         """Schedule a fetch and push of ``key``; only queues work."""
 
-    def push_shared(self, shared: SharedFrames) -> None:
+    def push_shared(self, shared: SharedFrames, generation: int | None = None) -> None:
         """Send the frames of a shared fetch; only queues work on a busy connection."""
+
+    def cohort_member(self) -> tuple[Any, int] | None:
+        """The secret and its generation, for grouping with equal secrets; None once closed."""
+
+    def push_cohort(self, shared: SharedFrames, generation: int) -> None:
+        """Send frames fetched with this subscriber's secret of ``generation``, unless it changed since."""
+
+    def cohort_failed(self, key: EntityKey, exc: Exception, generation: int) -> None:
+        """A fetch of ``key`` with this subscriber's secret failed (logged already): tell it and retry."""
 
     def heartbeat(self) -> None:
         """Ping the client, closing it if it never answered the last ping."""
@@ -36,6 +47,14 @@ class Subscriber(Protocol):
         """Close the connection."""
 
 
+class CohortFetches(Protocol):
+    """Where changed keys of per-user entities go, to be fetched once per distinct secret
+    (implemented by :class:`~entitysync_sync.cohorts.Cohorts`)."""
+
+    def request(self, key: EntityKey, hub: Hub) -> None:
+        """``key`` changed: refresh it for its subscribers in ``hub``; only queues work."""
+
+
 class SharedFetches(Protocol):
     """Where keys of shared entities go instead of each subscriber's refresh
     (implemented by :class:`~entitysync_sync.fanout.Fanout`)."""
@@ -44,7 +63,13 @@ class SharedFetches(Protocol):
         """Whether ``key`` belongs to a shared entity."""
 
     def request(self, key: EntityKey, hub: Hub) -> None:
-        """Fetch ``key`` once and push it to its subscribers in ``hub``; only queues work."""
+        """``key`` changed: fetch it once and push it to its subscribers in ``hub``; only queues work."""
+
+    def subscribe(self, key: EntityKey, conn: Subscriber, hub: Hub) -> None:
+        """Push the current frames of ``key`` to a new subscriber, fetching them only if not cached."""
+
+    def forget(self, key: EntityKey) -> None:
+        """``key`` has no local subscriber left: drop what is cached of it."""
 
 
 class Interest(Protocol):
@@ -67,14 +92,16 @@ class Hub:
 
     :param tasks: where the connections run their background work.
     :param fanout: where keys of shared entities go, if any are registered.
+    :param cohorts: where keys of per-user entities go; without it each subscriber refreshes alone.
     :param interest: told when a key gains its first local subscriber and
         loses its last, so the bus can receive only the keys held here.
     """
 
     def __init__(self, tasks: Tasks | None = None, fanout: SharedFetches | None = None,
-                 interest: Interest | None = None) -> None:
+                 cohorts: CohortFetches | None = None, interest: Interest | None = None) -> None:
         self.tasks = tasks if tasks is not None else Tasks("entitysync-hub")
         self.fanout = fanout
+        self.cohorts = cohorts
         self.interest = interest
         self._lock = threading.Lock()
         self._connections: set[Subscriber] = set()
@@ -93,8 +120,8 @@ class Hub:
         """Forget a closed connection and its subscriptions to ``keys``."""
         with self._lock:
             self._connections.discard(conn)
-            for key in keys:
-                self._discard(conn, key)
+            left = [key for key in keys if self._discard(conn, key)]
+        self._forget(left)
 
     def subscribe(self, conn: Subscriber, key: EntityKey) -> None:
         """Route future notifications of ``key`` to ``conn``."""
@@ -110,9 +137,12 @@ class Hub:
     def unsubscribe(self, conn: Subscriber, key: EntityKey) -> None:
         """Stop routing ``key`` to ``conn``."""
         with self._lock:
-            self._discard(conn, key)
+            left = self._discard(conn, key)
+        if left:
+            self._forget((key,))
 
-    def _discard(self, conn: Subscriber, key: EntityKey) -> None:
+    def _discard(self, conn: Subscriber, key: EntityKey) -> bool:
+        """Drop one subscription; True if it was the key's last."""
         conns = self._subscribers.get(key)
         if conns is not None:
             conns.discard(conn)
@@ -120,16 +150,28 @@ class Hub:
                 del self._subscribers[key]
                 if self.interest is not None:
                     self.interest.unwatch(key)
+                return True
+        return False
+
+    def _forget(self, keys: Iterable[EntityKey]) -> None:
+        fanout = self.fanout
+        if fanout is not None:
+            for key in keys:
+                fanout.forget(key)
 
     # -- the bus sink ----------------------------------------------------------
 
     def deliver(self, keys: Sequence[EntityKey]) -> None:
-        """Ask every local subscriber of each key to refresh it."""
-        fanout = self.fanout
+        """Refresh each key for its local subscribers (through the fan-out or the cohorts)."""
+        fanout, cohorts = self.fanout, self.cohorts
         for key in keys:
-            if fanout is not None and key in self._subscribers and fanout.handles(key):
-                fanout.request(key, self)
-                continue
+            if key in self._subscribers:
+                if fanout is not None and fanout.handles(key):
+                    fanout.request(key, self)
+                    continue
+                if cohorts is not None:
+                    cohorts.request(key, self)
+                    continue
             with self._lock:
                 conns = tuple(self._subscribers.get(key, ()))
             for conn in conns:
@@ -164,11 +206,22 @@ class Hub:
         for conn in conns:
             conn.heartbeat()
 
-    def close_all(self, code: int, reason: str) -> None:
-        """Close every local connection, e.g. when the worker shuts down."""
+    def close_all(self, code: int, reason: str, over: float = 0.0) -> None:
+        """Close every local connection, e.g. when the worker shuts down.
+
+        With ``over`` (seconds) the closes are spread evenly over that time,
+        the first at once, so that their clients do not all reconnect
+        elsewhere in the same second; the rest go at once if the hub's tasks
+        are closed meanwhile.
+        """
         with self._lock:
             conns = tuple(self._connections)
-        for conn in conns:
+        step = over / len(conns) if conns else 0.0
+        start = time.monotonic()
+        for i, conn in enumerate(conns):
+            delay = start + i * step - time.monotonic()
+            if delay > 0.01 and self.tasks.wait(delay):
+                step = 0.0
             conn.close(code, reason)
 
     @property

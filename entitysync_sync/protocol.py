@@ -24,6 +24,8 @@ one of the error codes below.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -42,11 +44,15 @@ TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
 FETCH_FAILED = "fetch_failed"
 INTERNAL_ERROR = "internal_error"
 
+#: The longest version a client may send back in a subscribe frame.
+MAX_VERSION_LENGTH = 64
+
 # Close codes the server uses.
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_SERVICE_RESTART = 1012
 
 Ref = str | int | float | None
 
@@ -58,10 +64,16 @@ FetchResult = str | list[str] | None
 
 @dataclass(frozen=True)
 class Subscribe:
-    """``{"action":"subscribe","body":{"entity":..,"id":..}}``"""
+    """``{"action":"subscribe","body":{"entity":..,"id":..,"v":..}}``
+
+    ``version`` is the ``"v"`` of the last push or gone frame the client
+    holds for the key, if it sent one: when the current result has the same
+    version, the server sends no push.
+    """
 
     key: EntityKey
     ref: Ref = None
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,15 @@ def _read_key(body: object, ref: Ref) -> EntityKey:
         raise ProtocolError(BAD_MESSAGE, str(exc), ref) from None
 
 
+def _read_version(body: Any, ref: Ref) -> str | None:
+    version = body.get("v")  # body is an object: _read_key checked it
+    if version is None or (isinstance(version, str) and 0 < len(version) <= MAX_VERSION_LENGTH):
+        return version
+    raise ProtocolError(
+        BAD_MESSAGE, f'"v" must be the string of 1 to {MAX_VERSION_LENGTH} characters the server sent', ref
+    )
+
+
 def decode_client_frame(data: str | bytes) -> ClientMessage:
     """Decode one websocket frame sent by a client.
 
@@ -144,7 +165,8 @@ def decode_client_frame(data: str | bytes) -> ClientMessage:
         return PassThrough(data)
     action = obj["action"]
     if action == "subscribe":
-        return Subscribe(_read_key(obj.get("body"), ref), ref)
+        body = obj.get("body")
+        return Subscribe(_read_key(body, ref), ref, _read_version(body, ref))
     if action == "unsubscribe":
         return Unsubscribe(_read_key(obj.get("body"), ref), ref)
     if action == "secret":
@@ -168,40 +190,65 @@ def encode_key(key: EntityKey) -> str:
     return _dumps({"entity": key.entity, "id": key.id})
 
 
-def encode_push(key: EntityKey, row_json: str) -> str:
+def result_version(result: FetchResult) -> str:
+    """The version of a fetch result: a short string that changes exactly when the result does.
+
+    It is derived from the result's JSON text alone, so equal rows give the
+    same version on every server and after a restart.
+    """
+    if result is None:
+        data = b"g"
+    elif isinstance(result, str):
+        data = b"b" + result.encode()
+    else:
+        data = b"r" + ",".join(result).encode()
+    return base64.urlsafe_b64encode(hashlib.blake2b(data, digest_size=12).digest()).decode()
+
+
+def _version_field(version: str | None) -> str:
+    return "" if version is None else f',"v":"{version}"'
+
+
+def encode_push(key: EntityKey, row_json: str, version: str | None = None) -> str:
     """A push frame around one row that is already JSON text."""
-    return f'{{"action":"push","key":{encode_key(key)},"body":{row_json}}}'
+    return f'{{"action":"push","key":{encode_key(key)}{_version_field(version)},"body":{row_json}}}'
 
 
-def encode_push_rows(key: EntityKey, rows_json: list[str]) -> str:
+def encode_push_rows(key: EntityKey, rows_json: list[str], version: str | None = None) -> str:
     """A push frame holding a whole set of rows (each already JSON text), in their order."""
-    return f'{{"action":"push","key":{encode_key(key)},"rows":[{",".join(rows_json)}]}}'
+    return (f'{{"action":"push","key":{encode_key(key)}{_version_field(version)},'
+            f'"rows":[{",".join(rows_json)}]}}')
 
 
-def encode_gone(key: EntityKey) -> str:
+def encode_gone(key: EntityKey, version: str | None = None) -> str:
     """The frame saying that ``key`` does not exist (its fetch returned ``None``)."""
-    return f'{{"action":"gone","key":{encode_key(key)}}}'
+    return f'{{"action":"gone","key":{encode_key(key)}{_version_field(version)}}}'
 
 
-def encode_result(key: EntityKey, result: FetchResult, envelope: bool = True) -> list[str]:
+def encode_result(
+    key: EntityKey, result: FetchResult, envelope: bool = True, version: str | None = None
+) -> list[str]:
     """The server frames that carry one fetch result of ``key`` to a subscriber.
 
     In envelope mode a single row is one ``push`` with ``"body"``, a set of
     rows (possibly empty) is one ``push`` with ``"rows"``, so the client gets
     the whole set at once and learns of rows that left it, and ``None`` is
-    ``gone``. In raw mode each row is sent alone, as the Go entity-sync did,
-    and ``None`` sends nothing. Per-subscriber and shared fetches both build
-    frames here.
+    ``gone``; each carries ``"v"``, the result's :func:`result_version`
+    (pass ``version`` when it is computed already). In raw mode each row is
+    sent alone, as the Go entity-sync did, and ``None`` sends nothing.
+    Per-subscriber and shared fetches both build frames here.
     """
     if not envelope:
         if result is None:
             return []
         return [result] if isinstance(result, str) else list(result)
+    if version is None:
+        version = result_version(result)
     if result is None:
-        return [encode_gone(key)]
+        return [encode_gone(key, version)]
     if isinstance(result, str):
-        return [encode_push(key, result)]
-    return [encode_push_rows(key, result)]
+        return [encode_push(key, result, version)]
+    return [encode_push_rows(key, result, version)]
 
 
 def encode_fetch_failed(key: EntityKey, message: str, envelope: bool = True) -> list[str]:

@@ -11,7 +11,7 @@ the fetch timeout, its metrics and the encoding of its rows.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,7 +19,7 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
 from .concurrency import call_with_timeout
-from .exceptions import ConfigError, FetchTimeoutError
+from .exceptions import BatchFetchError, ConfigError, FetchTimeoutError
 from .keys import EntityKey, validate_entity
 from .metrics import Metrics
 from .protocol import FetchResult
@@ -34,6 +34,8 @@ class Entity:
     name: str
     fetch: FetchFn
     shared: bool = False
+    #: ``fetch(key, secrets) -> results``: one result per secret, in order.
+    batch: bool = False
 
 
 class Registry:
@@ -47,12 +49,14 @@ class Registry:
         #: Called with the name of each entity added, e.g. to subscribe a running bus to it.
         self.listeners: list[Callable[[str], None]] = []
 
-    def add_entity(self, name: str, fetch: FetchFn, shared: bool = False) -> None:
+    def add_entity(self, name: str, fetch: FetchFn, shared: bool = False, batch: bool = False) -> None:
         """Register ``fetch`` for ``name``; :class:`ConfigError` if it is registered already."""
         validate_entity(name)
         if name in self.entities:
             raise ConfigError(f"entity {name!r} is already registered")
-        self.entities[name] = Entity(name, fetch, shared)
+        if shared and batch:
+            raise ConfigError(f"entity {name!r}: a shared entity is fetched once for everyone; drop batch=True")
+        self.entities[name] = Entity(name, fetch, shared, batch)
         for listener in list(self.listeners):
             listener(name)
 
@@ -81,6 +85,10 @@ class AppHandlers:
         found = self._registry.entities.get(entity)
         return found is not None and found.shared
 
+    def is_batch(self, entity: str) -> bool:
+        found = self._registry.entities.get(entity)
+        return found is not None and found.batch
+
     def authorize(self, key: EntityKey, secret: Any) -> bool:
         fn = self._registry.authorize
         if fn is None:
@@ -108,23 +116,60 @@ class AppHandlers:
         self._metrics.fetched(key, started, None if result is None else 1)
         return result
 
+    def fetch_batch(self, key: EntityKey, secrets: list[Any]) -> list[FetchResult]:
+        """One call of a batch entity's fetch for ``secrets``: one result per secret, in order.
+
+        Raises what the fetch raised, or :class:`BatchFetchError` when it did
+        not return one result per secret.
+        """
+        started = time.monotonic()
+        try:
+            results = call_with_timeout(self._fetch_timeout, self._timed_out, self._fetch_batch, key, secrets)
+        except Exception:
+            self._metrics.fetch_failed(started)
+            raise
+        gones = results.count(None)
+        self._metrics.fetched(key, started, len(results) - gones)
+        if gones:
+            self._metrics.count("gones", gones)
+        return results
+
+    def _fetch_batch(self, key: EntityKey, secrets: list[Any]) -> list[FetchResult]:
+        entity = self._registry.entities[key.entity]
+        with self._app.app_context():
+            results = entity.fetch(key, list(secrets))
+            if isinstance(results, (str, bytes, dict)) or not isinstance(results, Iterable):
+                raise BatchFetchError(
+                    f"the batch fetch of {key.entity!r} returned a {type(results).__name__}, "
+                    f"not a sequence of one result per secret")
+            results = list(results)
+            if len(results) != len(secrets):
+                raise BatchFetchError(
+                    f"the batch fetch of {key.entity!r} returned {len(results)} results "
+                    f"for {len(secrets)} secrets")
+            return [self._encode_result(result) for result in results]
+
     def _timed_out(self) -> FetchTimeoutError:
         return FetchTimeoutError(f"timed out after {self._fetch_timeout:g}s (ENTITYSYNC_FETCH_TIMEOUT)")
 
     def _fetch(self, key: EntityKey, secret: Any) -> FetchResult:
         entity = self._registry.entities[key.entity]
+        if entity.batch:
+            return self._fetch_batch(key, [secret])[0]
         if entity.shared:
             secret = None  # a shared fetch must not depend on whoever subscribed first
         with self._app.app_context():
-            result = entity.fetch(key, secret)
-            if result is None:
-                return None
-            # A list, a tuple or an iterator is a set of rows, sent whole; anything else is one row.
-            if isinstance(result, (list, tuple)) or (
-                not isinstance(result, dict) and isinstance(result, Iterator)
-            ):
-                return [self._encode(row) for row in result]
-            return self._encode(result)
+            return self._encode_result(entity.fetch(key, secret))
+
+    def _encode_result(self, result: Any) -> FetchResult:
+        if result is None:
+            return None
+        # A list, a tuple or an iterator is a set of rows, sent whole; anything else is one row.
+        if isinstance(result, (list, tuple)) or (
+            not isinstance(result, dict) and isinstance(result, Iterator)
+        ):
+            return [self._encode(row) for row in result]
+        return self._encode(result)
 
     def _encode(self, row: Any) -> str:
         if isinstance(row, str):

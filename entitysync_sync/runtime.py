@@ -21,6 +21,7 @@ from flask import Flask
 
 from . import protocol as p
 from .bus import Bus, bus_from_url
+from .cohorts import Cohorts
 from .concurrency import OncePerProcess, Tasks
 from .connection import ConnectionLimits
 from .exceptions import ConfigError
@@ -67,13 +68,16 @@ class Runtime:
         self.closed = False
         #: Set when the server shuts down: websockets are closed, notify still works.
         self.draining = False
+        self._drain_seconds = settings.drain_seconds
         registry.listeners.append(self._entity_added)
 
     def _build(self) -> None:
         """The parts that hold connections and background work (again in a forked child)."""
         self.tasks = Tasks("entitysync")
-        self.fanout = Fanout(self.handlers, self.tasks, self.settings.envelope, self.settings.fetch_retry_max)
-        self.hub = Hub(self.tasks, self.fanout, interest=self.bus.key_interest)
+        self.fanout = Fanout(self.handlers, self.tasks, self.settings.envelope, self.settings.fetch_retry_max,
+                             self.settings.shared_cache_size)
+        self.cohorts = Cohorts(self.handlers, self.tasks, self.settings.envelope, self.settings.batch_size)
+        self.hub = Hub(self.tasks, self.fanout, self.cohorts, interest=self.bus.key_interest)
 
     def _make_bus(self) -> Bus:
         return bus_from_url(self.settings.bus_url, buffer_size=self.settings.publish_buffer,
@@ -127,8 +131,10 @@ class Runtime:
             self.pg_listener.start(sink, sorted(self.registry.entities))
             log.info("entitysync also listens to %s", self.pg_listener.describe())
         self.tasks.spawn(self._sweep)
-        workers = _gunicorn_workers()  # a scan of the heap: once per process
-        if workers is not None:
+        arbiter = _gunicorn_arbiter()  # a scan of the heap: once per process
+        workers = None if arbiter is None else int(arbiter.num_workers)
+        if arbiter is not None:
+            self._drain_seconds = _within_graceful_timeout(self.settings.drain_seconds, arbiter)
             self._drain_on_shutdown_signals()
         if getattr(self.bus, "in_process", False) and workers is not None and workers > 1:
             log.warning(
@@ -156,7 +162,7 @@ class Runtime:
 
     def stats(self) -> dict[str, Any]:
         """The figures of :meth:`EntitySync.stats() <entitysync_sync.EntitySync.stats>`."""
-        return collect(self.hub, self.bus, self.metrics, self.pg_listener)
+        return {**collect(self.hub, self.bus, self.metrics, self.pg_listener), **self.fanout.stats()}
 
     # -- housekeeping ----------------------------------------------------------
 
@@ -176,12 +182,14 @@ class Runtime:
                 log.exception("the connection sweeper failed; it carries on")
 
     def _drain_on_shutdown_signals(self) -> None:
-        """Close websockets with 1001 as soon as the gunicorn worker is told to stop.
+        """Close websockets with 1012 as soon as the gunicorn worker is told to stop.
 
         gunicorn stops accepting and then waits up to ``--graceful-timeout``
         for open requests; a websocket never ends by itself, so without this
         its clients would wait that long and then see the connection drop.
-        Closed with 1001, they reconnect at once, to a worker that is staying.
+        Closed with 1012 (service restart), spread over
+        ``ENTITYSYNC_DRAIN_SECONDS``, they reconnect to a worker that is
+        staying, a few at a time.
         """
         for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
             previous = signal.getsignal(signum)
@@ -198,12 +206,14 @@ class Runtime:
                 return
 
     def drain(self) -> None:
-        """Close every websocket with 1001 and refuse new ones; notify keeps working."""
+        """Refuse new websockets and close every open one with 1012 (service restart), spread
+        over ``ENTITYSYNC_DRAIN_SECONDS``; returns at once. Notify keeps working."""
         if self.draining:
             return
         self.draining = True
-        log.info("shutting down: closing %d websocket(s) with 1001", self.hub.connection_count)
-        self.hub.close_all(p.CLOSE_GOING_AWAY, "server shutting down")
+        seconds = self._drain_seconds
+        log.info("shutting down: closing %d websocket(s) with 1012 over %gs", self.hub.connection_count, seconds)
+        self.tasks.spawn(self.hub.close_all, p.CLOSE_SERVICE_RESTART, "server restarting", seconds)
 
     def close(self, timeout: float = JOIN_TIMEOUT) -> bool:
         """Close every connection with 1001, stop the bus, and stop and join every task.
@@ -218,8 +228,8 @@ class Runtime:
 
 
 
-def _gunicorn_workers() -> int | None:
-    """How many workers the gunicorn that forked this process runs, or None outside gunicorn.
+def _gunicorn_arbiter() -> Any:
+    """The arbiter of the gunicorn that forked this process, or None outside gunicorn.
 
     gunicorn keeps no global for it; its arbiter object survives in a forked
     worker's memory, so it is looked up there, only when gunicorn is loaded.
@@ -231,5 +241,16 @@ def _gunicorn_workers() -> int | None:
 
     for obj in gc.get_objects():
         if isinstance(obj, arbiter.Arbiter):
-            return int(obj.num_workers)
+            return obj
     return None
+
+
+def _within_graceful_timeout(seconds: float, arbiter: Any) -> float:
+    """``seconds``, shortened to end a second before gunicorn's ``--graceful-timeout`` kills the worker."""
+    graceful = getattr(getattr(arbiter, "cfg", None), "graceful_timeout", None)
+    if not isinstance(graceful, (int, float)) or seconds <= graceful - 1:
+        return seconds
+    limit = max(0.0, float(graceful) - 1)
+    log.info("ENTITYSYNC_DRAIN_SECONDS is %g but gunicorn's --graceful-timeout is %g: "
+             "websockets will be closed over %gs", seconds, graceful, limit)
+    return limit

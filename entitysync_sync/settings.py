@@ -49,6 +49,13 @@ def _pg_url(value: Any, key: str) -> str | None:
     return value
 
 
+def _size_or_off(value: Any, key: str) -> int:
+    """A number of characters, or ``0`` to turn it off."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key} must be a number of characters, or 0 to turn it off, got {value!r}")
+    return value
+
+
 def _bool(value: Any, key: str) -> bool:
     """``True`` or ``False``."""
     if not isinstance(value, bool):
@@ -201,6 +208,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ENTITYSYNC_RATE_BURST", 2000, _positive_int, """
         Client frames one connection may send at once after a quiet spell, e.g. a
         page subscribing to many rows when it loads."""),
+    Setting("ENTITYSYNC_SHARED_CACHE_SIZE", 64 << 20, _size_or_off, """
+        Characters of frame text each process keeps of the shared keys its clients
+        subscribe to (about twice that in memory: the text and its websocket bytes),
+        so a subscribe to a cached key is answered without a fetch. Past it the
+        oldest entries are dropped, and those keys are fetched again on the next
+        subscribe. ``0`` turns the cache off (overlapping refreshes of one key still
+        share one fetch)."""),
+    Setting("ENTITYSYNC_BATCH_SIZE", 500, _positive_int, """
+        Most secrets one call of a ``batch=True`` fetch is given; more make several
+        calls."""),
+    Setting("ENTITYSYNC_DRAIN_SECONDS", 10.0, _seconds_or_off, """
+        When a gunicorn worker is told to stop, its websockets are closed with 1012
+        (service restart) spread over this many seconds, so its clients do not all
+        come back in the same second; under gunicorn it is cut to end a second
+        before ``--graceful-timeout``. ``0`` closes them all at once."""),
     Setting("ENTITYSYNC_PG_LISTEN_URL", None, _pg_url, """
         A ``postgresql://`` URL whose notifications (from the triggers of
         :func:`entitysync_sync.postgres.trigger_sql`) every server also receives,
@@ -233,6 +255,9 @@ class Settings:
     fetch_retry_max: float
     rate_limit: float
     rate_burst: int
+    shared_cache_size: int
+    batch_size: int
+    drain_seconds: float
     pg_listen_url: str | None = None
 
 

@@ -147,6 +147,28 @@ def create_app() -> Flask:
         count(key)
         return {"id": key.id, "secret": secret, "value": value(key)}
 
+    @es.entity("slowwhoami")
+    def slowwhoami(key: EntityKey, secret: Any) -> Any:
+        count(key)
+        time.sleep(SLOW_FETCH_SECONDS)
+        return {"id": key.id, "secret": secret, "value": value(key)}
+
+    batch_calls: dict[str, list[int]] = {}
+
+    @es.entity("batchwho", batch=True)
+    def batchwho(key: EntityKey, secrets: list[Any]) -> Any:
+        """One row per secret; the stored value "short" or "raise" makes the call misbehave."""
+        count(key)
+        with lock:
+            batch_calls.setdefault(str(key), []).append(len(secrets))
+        current = value(key)
+        if current == "raise":
+            raise RuntimeError("the database is on fire")
+        if key.id not in rows:
+            return [None] * len(secrets)
+        results = [{"id": key.id, "secret": secret, "value": current} for secret in secrets]
+        return results[:-1] if current == "short" else results
+
     @es.entity("hang")
     def hang(key: EntityKey, secret: Any) -> Any:
         count(key)
@@ -333,6 +355,12 @@ def create_app() -> Flask:
         for _ in range(int(request.args.get("n", "1"))):
             es.notify_entity(entity)
         return {"ok": True}
+
+    @app.get("/_t/batch-calls/<entity>/<id>")
+    def get_batch_calls(entity: str, id: str) -> Any:
+        """How many secrets each call of a batch fetch of the key was given."""
+        with lock:
+            return jsonify(batch_calls.get(f"{entity}/{id}", []))
 
     @app.get("/_t/fetches/<entity>/<id>")
     def fetch_count(entity: str, id: str) -> Any:

@@ -139,7 +139,8 @@ def test_every_decided_close_reaches_the_client_under_load(servers: ServerPool, 
 
 
 def test_a_shutdown_close_reaches_idle_and_sending_clients(kind: str, busy_cpu: None, uid: str) -> None:
-    server = Server(kind, {"ENTITYSYNC_RATE_LIMIT": 100000, "ENTITYSYNC_RATE_BURST": 100000},
+    server = Server(kind, {"ENTITYSYNC_RATE_LIMIT": 100000, "ENTITYSYNC_RATE_BURST": 100000,
+                           "ENTITYSYNC_DRAIN_SECONDS": 1},
                     extra_args=("--graceful-timeout", "30") if kind == "gunicorn" else ())
     try:
         idle = [connect(server) for _ in range(10)]
@@ -154,7 +155,7 @@ def test_a_shutdown_close_reaches_idle_and_sending_clients(kind: str, busy_cpu: 
         else:
             server.post("/_t/drain")
         codes = run_all([client.close_code for client in idle + chatty])
-        assert codes == [1001] * 20
+        assert codes == [1012] * 20
         assert_no_errors_logged(server)
     finally:
         server.stop()

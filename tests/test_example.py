@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from entitysync_sync.protocol import result_version
 from tests.support.clients import Client
 from tests.support.servers import ROOT, Server
 
@@ -42,7 +43,7 @@ def test_the_seed_frames_work_unchanged_against_the_example(example: Server, cli
     assert client.expect_push("items", "1") == [{**first, "value": first["value"] + "!"}, owner]
     client.send('{"action":"unsubscribe","body":{"entity":"items","id":"1"}}')
     client.send('{"action":"subscribe","body":{"entity":"items","id":"999"}}')
-    assert client.recv() == {"action": "gone", "key": {"entity": "items", "id": "999"}}
+    assert client.recv() == {"action": "gone", "key": {"entity": "items", "id": "999"}, "v": result_version(None)}
     update(example, 1, "x")
     client.assert_silent()
 

@@ -100,6 +100,10 @@ def test_init_app_registers_once_and_refuses_a_second_time() -> None:
         ("ENTITYSYNC_FETCH_RETRY_MAX", True, "ENTITYSYNC_FETCH_RETRY_MAX"),
         ("ENTITYSYNC_RATE_LIMIT", -5, "frames per second"),
         ("ENTITYSYNC_RATE_BURST", 0, "positive integer"),
+        ("ENTITYSYNC_SHARED_CACHE_SIZE", -1, "ENTITYSYNC_SHARED_CACHE_SIZE"),
+        ("ENTITYSYNC_SHARED_CACHE_SIZE", 1.5, "number of characters"),
+        ("ENTITYSYNC_BATCH_SIZE", 0, "positive integer"),
+        ("ENTITYSYNC_DRAIN_SECONDS", -1, "ENTITYSYNC_DRAIN_SECONDS"),
     ],
 )
 def test_bad_config_raises_config_error_naming_the_key(key: str, value: Any, match: str) -> None:

@@ -2,7 +2,7 @@
 
 Origin checks, the per-connection rate limit, heartbeats (including a
 half-open connection), fetch timeouts and retries, secrets kept out of the
-logs, and shutdown with 1001.
+logs, and shutdown with 1012.
 """
 
 from __future__ import annotations
@@ -221,14 +221,14 @@ def test_secrets_appear_in_no_log_line_and_no_error_frame(kind: str, uid: str) -
 # -- shutdown ----------------------------------------------------------------------
 
 
-def test_sigterm_closes_websockets_with_1001_without_waiting_for_the_graceful_timeout(uid: str) -> None:
+def test_sigterm_closes_websockets_with_1012_without_waiting_for_the_graceful_timeout(uid: str) -> None:
     server = Server("gunicorn", {}, extra_args=("--graceful-timeout", "60"))
     try:
         client = Client(server.ws_url)
         client.subscribe("items", uid)
         client.expect(lambda f: f["action"] == "gone")
         server.proc.send_signal(signal.SIGTERM)
-        assert client.close_code(timeout=15) == 1001
+        assert client.close_code(timeout=15) == 1012
         server.proc.wait(timeout=15)  # the worker had nothing left to wait for
     finally:
         server.stop()
@@ -246,7 +246,7 @@ def test_notify_still_works_while_the_worker_drains(uid: str) -> None:
         slow.start()
         wait_for(lambda: "slow-notify started" in server.log(), message="the slow request to start")
         server.proc.send_signal(signal.SIGTERM)
-        assert client.close_code(timeout=15) == 1001
+        assert client.close_code(timeout=15) == 1012
         slow.join(15)
         assert result == {"ok": True, "draining": True}
     finally:

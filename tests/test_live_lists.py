@@ -14,6 +14,7 @@ import socket
 from typing import Any, Callable
 
 from entitysync_sync import Publisher
+from entitysync_sync.protocol import result_version
 from tests.support.clients import Client
 from tests.support.servers import Server, ServerPool
 from tests.support.waiting import wait_for
@@ -34,7 +35,7 @@ def test_a_list_is_one_frame_holding_the_whole_set(server: Server, clients, uid:
     quietly(server, "lists", uid, ["a", "b", "c"])
     client.subscribe("lists", uid)
     frame = client.expect(lambda f: f.get("action") == "push")
-    assert frame == {"action": "push", "key": {"entity": "lists", "id": uid},
+    assert frame == {"action": "push", "key": {"entity": "lists", "id": uid}, "v": frame["v"],
                      "rows": [{"list": uid, "member": m} for m in ("a", "b", "c")]}
     server.set("lists", uid, ["c", "a"])  # "b" left the list, and the order changed
     assert members(client.expect_push("lists", uid)) == ["c", "a"]
@@ -42,7 +43,7 @@ def test_a_list_is_one_frame_holding_the_whole_set(server: Server, clients, uid:
     assert client.expect_push("lists", uid) == []  # an empty set, not gone
     server.post(f"/_t/delete/lists/{uid}")
     assert client.expect(lambda f: f.get("action") in ("push", "gone")) == {
-        "action": "gone", "key": {"entity": "lists", "id": uid}}
+        "action": "gone", "key": {"entity": "lists", "id": uid}, "v": result_version(None)}
     client.assert_silent()
 
 

@@ -20,8 +20,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from sqlalchemy.pool import StaticPool
 
 from entitysync_sync import Bus, BusSink, ConfigError, EntityKey, EntitySync, InvalidKeyError
+from entitysync_sync.protocol import result_version
 from tests.support.clients import Client
 from tests.support.servers import Server
+
+GONE_1 = {"action": "gone", "key": {"entity": "items", "id": "1"}, "v": result_version(None)}
 
 
 class Base(DeclarativeBase):
@@ -289,7 +292,7 @@ def test_a_commit_in_a_view_pushes_and_a_delete_sends_gone(orm_server: Server) -
     watcher = Client(orm_server.ws_url)
     try:
         client.subscribe("items", 1)
-        client.expect(lambda f: f == {"action": "gone", "key": {"entity": "items", "id": "1"}})
+        client.expect(lambda f: f == GONE_1)
         watcher.subscribe("items", 2)
         watcher.expect(lambda f: f.get("action") == "gone")
         orm_server.post("/items/1", {"name": "apples"})
@@ -299,7 +302,7 @@ def test_a_commit_in_a_view_pushes_and_a_delete_sends_gone(orm_server: Server) -
         assert orm_server.post("/items/1/rolled-back", {"name": "never"}) == {"ok": False}
         client.assert_silent(within=0.5)  # nothing was committed, so nothing was notified
         orm_server.post("/items/1/delete")
-        client.expect(lambda f: f == {"action": "gone", "key": {"entity": "items", "id": "1"}})
+        client.expect(lambda f: f == GONE_1)
         watcher.assert_silent(within=0.3)  # item 2 never changed
     finally:
         client.close()

@@ -73,6 +73,9 @@ def test_server_frames_are_valid_json_with_the_documented_shape() -> None:
     assert json.loads(p.encode_push(key, '{"a":1}')) == {
         "action": "push", "key": {"entity": "items", "id": "100"}, "body": {"a": 1}}
     assert json.loads(p.encode_gone(key)) == {"action": "gone", "key": {"entity": "items", "id": "100"}}
+    assert json.loads(p.encode_push(key, '{"a":1}', "V1"))["v"] == "V1"
+    assert json.loads(p.encode_gone(key, "V2")) == {
+        "action": "gone", "key": {"entity": "items", "id": "100"}, "v": "V2"}
     assert json.loads(p.encode_ack("r1")) == {"action": "ack", "ref": "r1"}
     assert json.loads(p.encode_error("forbidden", "no", 3, key)) == {
         "action": "error", "ref": 3, "error": {"code": "forbidden", "message": "no"},
@@ -85,11 +88,38 @@ def test_a_fetch_result_is_one_frame_a_row_as_body_a_set_as_rows() -> None:
     key = EntityKey("lists", "7")
     frame_of = lambda result: [json.loads(t) for t in p.encode_result(key, result)]  # noqa: E731
     k = {"entity": "lists", "id": "7"}
-    assert frame_of('{"a":1}') == [{"action": "push", "key": k, "body": {"a": 1}}]
+    v = p.result_version
+    assert frame_of('{"a":1}') == [{"action": "push", "key": k, "v": v('{"a":1}'), "body": {"a": 1}}]
     assert frame_of(['{"a":1}', '{"a":2}', '[3]']) == [
-        {"action": "push", "key": k, "rows": [{"a": 1}, {"a": 2}, [3]]}]
-    assert p.encode_result(key, []) == ['{"action":"push","key":{"entity":"lists","id":"7"},"rows":[]}']
-    assert frame_of(None) == [{"action": "gone", "key": k}]
+        {"action": "push", "key": k, "v": v(['{"a":1}', '{"a":2}', '[3]']), "rows": [{"a": 1}, {"a": 2}, [3]]}]
+    assert p.encode_result(key, []) == [
+        f'{{"action":"push","key":{{"entity":"lists","id":"7"}},"v":"{v([])}","rows":[]}}']
+    assert frame_of(None) == [{"action": "gone", "key": k, "v": v(None)}]
+
+
+def test_a_version_is_short_and_changes_exactly_with_the_result() -> None:
+    v = p.result_version
+    versions = [v(None), v('{"a":1}'), v('{"a":2}'), v([]), v(['{"a":1}']), v(['{"a":1}', '{"a":2}']), v("[]")]
+    assert len(set(versions)) == len(versions)  # a row, a set holding it, gone and empty all differ
+    assert all(0 < len(x) <= p.MAX_VERSION_LENGTH and x.isascii() for x in versions)
+    assert v(['{"a":1}', '{"a":2}']) == v(['{"a":1}', '{"a":2}']) and v(None) == v(None)
+    assert v(['{"a":1},{"a":2}']) == v(['{"a":1}', '{"a":2}'])  # verbatim rows that send the same bytes
+    # Derived from the content alone, so it is the same in every process and after a restart.
+    assert v('{"a":1}') == "FL-mhbw0Hy2kS1-e"
+
+
+def test_a_subscribe_may_carry_the_version_the_client_holds() -> None:
+    msg = p.decode_client_frame('{"action":"subscribe","body":{"entity":"items","id":"7","v":"abc"},"ref":1}')
+    assert msg == p.Subscribe(EntityKey("items", "7"), 1, "abc")
+    assert p.decode_client_frame('{"action":"subscribe","body":{"entity":"items","id":"7","v":null}}') == \
+        p.Subscribe(EntityKey("items", "7"))
+
+
+@pytest.mark.parametrize("v", ['""', "1", "true", "[]", '{"a":1}', '"' + "x" * 65 + '"'])
+def test_a_version_that_is_not_a_short_string_is_a_bad_message(v: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        p.decode_client_frame(f'{{"action":"subscribe","body":{{"entity":"items","id":"7","v":{v}}},"ref":"r"}}')
+    assert info.value.code == "bad_message" and info.value.ref == "r" and '"v"' in info.value.message
 
 
 def test_raw_mode_sends_each_row_alone_and_nothing_for_gone() -> None:

@@ -7,9 +7,12 @@ import socket
 
 import pytest
 
+from entitysync_sync import protocol as p
 from tests.support.clients import DeflateClient
 from tests.support.servers import Server, ServerPool
 from tests.support.waiting import wait_for
+
+GONE = p.result_version(None)
 
 
 def is_push(entity: str, id: str):
@@ -21,8 +24,10 @@ def test_subscribe_acks_then_pushes_the_current_state(server: Server, clients, u
     client = clients(server.ws_url)
     client.subscribe("items", uid, ref="r1")
     assert client.recv() == {"action": "ack", "ref": "r1"}
-    assert client.recv() == {"action": "push", "key": {"entity": "items", "id": uid},
-                             "body": {"id": uid, "value": "first"}}
+    push = client.recv()
+    assert push == {"action": "push", "key": {"entity": "items", "id": uid}, "v": push["v"],
+                    "body": {"id": uid, "value": "first"}}
+    assert isinstance(push["v"], str) and 0 < len(push["v"]) <= 64
 
 
 def test_ping_is_answered_by_pong_and_the_old_heartbeat_probe_still_acks(server: Server, clients) -> None:
@@ -98,7 +103,7 @@ def test_deleted_row_sends_gone(server: Server, clients, uid: str) -> None:
     client.subscribe("items", uid)
     client.expect_push("items", uid)
     server.post(f"/_t/delete/items/{uid}")
-    assert client.recv() == {"action": "gone", "key": {"entity": "items", "id": uid}}
+    assert client.recv() == {"action": "gone", "key": {"entity": "items", "id": uid}, "v": GONE}
 
 
 def test_each_subscriber_is_fetched_with_its_own_secret(server: Server, clients, uid: str) -> None:

@@ -12,10 +12,11 @@
  *   es.close();
  *
  * After any disconnect it reconnects with exponential backoff and jitter, then
- * sends the secret and every live subscription again; the server pushes their
- * current state. When nothing has arrived for `heartbeat` ms it sends a `ping`,
- * which the server answers with a `pong`; if nothing arrives within `timeout` ms
- * after that, the connection is dead and replaced.
+ * sends the secret and every live subscription again, each with the version
+ * ("v") of the last push it got, so the server pushes only what changed since.
+ * When nothing has arrived for `heartbeat` ms it sends a `ping`, which the
+ * server answers with a `pong`; if nothing arrives within `timeout` ms after
+ * that, the connection is dead and replaced.
  *
  * TypeScript declarations: {ENTITYSYNC_PATH}client.d.ts.
  */
@@ -23,7 +24,7 @@ var EntitySync = class EntitySync {
   // The src of this script, read while it runs; the default URL derives from it.
   static src = typeof document !== "undefined" && document.currentScript ? document.currentScript.src : "";
 
-  static defaults = {minDelay: 500, maxDelay: 30000, heartbeat: 25000, timeout: 10000};
+  static defaults = {minDelay: 500, maxDelay: 30000, heartbeat: 25000, timeout: 10000, restartDelay: 5000};
 
   constructor(url, options) {
     if (url && typeof url === "object") [url, options] = [null, url];
@@ -98,9 +99,12 @@ var EntitySync = class EntitySync {
     this._send({action: "unsubscribe", body: {entity: key.entity, id: key.id}});
   }
 
-  _subscribe(key) {
+  // After a reconnect the version held spares the push of rows that did not change.
+  _subscribe(key, resume) {
     key.denied = false;
-    this._send({action: "subscribe", body: {entity: key.entity, id: key.id}});
+    const body = {entity: key.entity, id: key.id};
+    if (resume && key.v) body.v = key.v;
+    this._send({action: "subscribe", body});
   }
 
   _halt() {
@@ -118,7 +122,7 @@ var EntitySync = class EntitySync {
       if (this._ws !== ws) return;
       this._setState("open");
       if (this._secret !== undefined) this._send({action: "secret", body: this._secret});
-      for (const key of this._keys.values()) this._subscribe(key);
+      for (const key of this._keys.values()) this._subscribe(key, true);
       this._idle();
     };
     ws.onmessage = (event) => {
@@ -127,18 +131,21 @@ var EntitySync = class EntitySync {
       this._idle();
       this._receive(event.data);
     };
-    ws.onclose = () => {
-      if (this._ws === ws) this._retry();
+    ws.onclose = (event) => {
+      // A server going away or restarting closes its clients a few at a time: wait a random
+      // part of restartDelay, so that they do not all come back in the same second either.
+      const restart = event.code === 1001 || event.code === 1012;
+      if (this._ws === ws) this._retry(restart ? Math.random() * this.options.restartDelay : null);
     };
   }
 
-  _retry() {
+  _retry(wait) {
     this._halt();
     this._setState("closed");
     if (this._stopped) return;
     const {minDelay, maxDelay} = this.options;
     const delay = Math.min(maxDelay, minDelay * 2 ** this._attempt++);
-    this._timer = setTimeout(() => this._connect(), delay / 2 + (Math.random() * delay) / 2);
+    this._timer = setTimeout(() => this._connect(), wait ?? delay / 2 + (Math.random() * delay) / 2);
   }
 
   // Traffic arrived: if the line then goes quiet for `heartbeat` ms, probe it.
@@ -175,12 +182,14 @@ var EntitySync = class EntitySync {
       if (!frame.key) return this._emit("error", frame.error);
       if (!key) return;
       // The server holds no subscription it refused; setSecret asks again.
-      if (frame.error.code === "forbidden") key.denied = true;
+      if (frame.error.code === "forbidden") [key.denied, key.v] = [true, undefined];
       this._each(key, "onError", frame.error);
     } else if (key && frame.action === "push") {
+      key.v = frame.v;
       if (Array.isArray(frame.rows)) this._rows(key, frame.rows);
       else this._each(key, "onPush", frame.body);
     } else if (key && frame.action === "gone") {
+      key.v = frame.v;
       this._each(key, "onGone");
     }
   }

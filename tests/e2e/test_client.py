@@ -181,3 +181,43 @@ def test_a_dead_connection_is_detected_and_replaced(browsers: Browsers, uid: str
         assert page.execute_script("return es.state") == "open"
     finally:
         server.stop()
+
+
+def test_after_a_reconnect_it_sends_the_versions_it_holds_and_gets_only_what_changed(
+    page: Any, server: Server, uid: str
+) -> None:
+    same, changed = f"same{uid}", f"changed{uid}"
+    server.set("items", same, "kept")
+    server.set("items", changed, "old")
+    start(page, None, minDelay=50, maxDelay=100)
+    page.execute_script("sub('items', arguments[0]); sub('items', arguments[1])", same, changed)
+    log_until(page, lambda e: e.get("row") == {"id": changed, "value": "old"})
+    assert page.execute_script("return es._keys.get('items/' + arguments[0]).v", same)  # it keeps the version
+    page.execute_script("es._ws.close()")  # the connection drops; it reconnects on its own
+    log_until(page, lambda e: e.get("state") == "closed")
+    server.set("items", changed, "new")  # while it is away
+    log_until(page, lambda e: e.get("row") == {"id": changed, "value": "new"})
+    # Resubscriptions are answered in order: the unchanged row would have come first, and did not.
+    assert pushes(page, f"items/{same}") == [{"id": same, "value": "kept"}]
+    assert pushes(page, f"items/{changed}") == [{"id": changed, "value": "old"}, {"id": changed, "value": "new"}]
+
+
+def test_after_a_restart_close_it_waits_a_random_part_of_restart_delay(browsers: Browsers, uid: str) -> None:
+    server = Server("flask", {"ENTITYSYNC_DRAIN_SECONDS": 0})
+    try:
+        page = browsers.get(0)
+        page.get(server.http + "/_t/page")
+        start(page, None, minDelay=100, maxDelay=200, restartDelay=2000)
+        wait_for(lambda: server.stats()["connections"] == 1, message="the page's connection")
+        page.execute_script("""
+          Math.random = () => 0.75;  // the random part this client draws: 1.5 s of 2 s
+          window.stamps = [];
+          es.on("state", (state) => stamps.push([state, performance.now()]));
+        """)
+        server.post("/_t/drain")  # every websocket closed with 1012, and new ones refused with it
+        wait_for(lambda: len(page.execute_script("return stamps")) >= 2, message="a reconnect attempt")
+        (closed, at_close), (connecting, at_retry) = page.execute_script("return stamps")[:2]
+        assert (closed, connecting) == ("closed", "connecting")
+        assert 1400 <= at_retry - at_close < 4000  # not the 50-100 ms of its ordinary backoff
+    finally:
+        server.stop()

@@ -1,0 +1,73 @@
+"""Cohorts: when a per-user key changes, one fetch per distinct secret among a server's subscribers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.support.clients import Client
+from tests.support.servers import Server, ServerPool
+from tests.support.waiting import wait_for
+
+
+def fetches(server: Server, entity: str, uid: str) -> int:
+    return server.get(f"/_t/fetches/{entity}/{uid}")["count"]  # type: ignore[no-any-return]
+
+
+def test_subscribers_with_equal_secrets_share_one_fetch_per_change(
+    servers: ServerPool, clients: Any, kind: str, uid: str
+) -> None:
+    server = servers.get(kind, ENTITYSYNC_PUSH_ON_SUBSCRIBE=False)
+    tokens = [f"user{n % 4}" for n in range(20)]  # four users with five tabs each
+    subs = [clients(server.ws_url, token=token) for token in tokens]
+    for client in subs:
+        client.subscribe("whoami", uid, ref="s")
+        client.expect(lambda f: f.get("ref") == "s")
+    for n in (1, 2):
+        server.set("whoami", uid, n)
+        for client, token in zip(subs, tokens, strict=True):
+            assert client.expect_push("whoami", uid) == {"id": uid, "secret": token, "value": n}
+        assert fetches(server, "whoami", uid) == 4 * n
+
+
+def test_a_secret_changed_during_a_cohort_fetch_never_gets_the_old_users_rows(
+    server: Server, clients: Any, uid: str
+) -> None:
+    ann = clients(server.ws_url, token="ann")
+    tab = clients(server.ws_url, token="ann")  # ann's second tab, which bob then logs into
+    for client in (ann, tab):
+        client.subscribe("slowwhoami", uid)
+        client.expect_push("slowwhoami", uid)
+    before = fetches(server, "slowwhoami", uid)
+    server.set("slowwhoami", uid, "new")  # one 0.3 s fetch for ann's cohort
+    wait_for(lambda: fetches(server, "slowwhoami", uid) > before, message="the cohort's fetch to start")
+    tab.send({"action": "secret", "body": "bob", "ref": "login"})
+    tab.expect(lambda f: f.get("ref") == "login")
+    row = tab.expect_push("slowwhoami", uid)  # every push after the ack is bob's
+    assert row == {"id": uid, "secret": "bob", "value": "new"}
+    tab.assert_settles(lambda f: f.get("action") == "push" and f["body"]["secret"] == "bob", within=0.8)
+    assert ann.expect_push("slowwhoami", uid) == {"id": uid, "secret": "ann", "value": "new"}
+    server.set("slowwhoami", uid, "newer")
+    assert tab.expect_push("slowwhoami", uid) == {"id": uid, "secret": "bob", "value": "newer"}
+    assert ann.expect_push("slowwhoami", uid, lambda b: b["value"] == "newer")["secret"] == "ann"
+
+
+def test_a_failed_cohort_fetch_tells_every_member_logs_once_and_recovers(
+    servers: ServerPool, clients: Any, kind: str, uid: str
+) -> None:
+    server = Server(kind, {"ENTITYSYNC_PUSH_ON_SUBSCRIBE": False, "ENTITYSYNC_FETCH_RETRY_MAX": 0.5})
+    try:
+        subs: list[Client] = [clients(server.ws_url, token="same") for _ in range(5)]
+        for client in subs:
+            client.subscribe("boom", uid, ref="s")
+            client.expect(lambda f: f.get("ref") == "s")
+        server.set("boom", uid, "bad")
+        for client in subs:
+            error = client.expect(lambda f: f.get("action") == "error")
+            assert error["error"]["code"] == "fetch_failed" and error["key"] == {"entity": "boom", "id": uid}
+        assert server.log().count(f"fetch of boom/{uid} failed") == 1
+        assert "same" not in server.log()
+        server.set("boom", uid, "ok")
+        for client in subs:
+            assert client.expect_push("boom", uid) == {"id": uid, "value": "ok"}
+    finally:
+        server.stop()
