@@ -53,6 +53,11 @@ export interface EntitySyncOptions {
   heartbeat?: number;
   /** A ping or handshake not answered within this long means the connection is dead (10000). */
   timeout?: number;
+  /**
+   * After the server closes with 1001 (going away) or 1012 (restarting), wait a
+   * random part of this before reconnecting, instead of the backoff (5000).
+   */
+  restartDelay?: number;
 }
 
 /**
@@ -132,7 +137,8 @@ export default EntitySyncClient;
 export type Ref = string | number;
 
 export type ClientFrame =
-  | { action: "subscribe"; body: { entity: string; id: string | number }; ref?: Ref }
+  /** `v`: the version of the last push or gone received for the key; no push follows if it is still current. */
+  | { action: "subscribe"; body: { entity: string; id: string | number; v?: string }; ref?: Ref }
   | { action: "unsubscribe"; body: { entity: string; id: string | number }; ref?: Ref }
   | { action: "secret"; body: string | null; ref?: Ref }
   | { action: "ping"; ref?: Ref };
@@ -140,9 +146,10 @@ export type ClientFrame =
 export type ServerFrame<Row = unknown> =
   | { action: "ack"; ref: Ref }
   | { action: "pong"; ref: Ref | null }
-  | { action: "push"; key: Key; body: Row }
-  | { action: "push"; key: Key; rows: Row[] }
-  | { action: "gone"; key: Key }
+  /** `v`: the version of what the frame holds, an opaque string that changes exactly when its rows do. */
+  | { action: "push"; key: Key; v?: string; body: Row }
+  | { action: "push"; key: Key; v?: string; rows: Row[] }
+  | { action: "gone"; key: Key; v?: string }
   | { action: "error"; ref: Ref | null; error: ErrorInfo; key?: Key };
 
 declare global {

@@ -9,7 +9,7 @@ interface Item {
   value: string;
 }
 
-const es: EntitySync = new EntitySync({ secret: "token", heartbeat: 25_000, timeout: 10_000 });
+const es: EntitySync = new EntitySync({ secret: "token", heartbeat: 25_000, timeout: 10_000, restartDelay: 5_000 });
 const same: EntitySync = new EntitySyncDefault("/ws/entity-sync/", { minDelay: 250 });
 const url: string = es.url;
 const state: ConnectionState = es.state;
@@ -45,12 +45,14 @@ same.close();
 
 // Frames, for code that speaks the protocol without the client.
 const ping: ClientFrame = { action: "ping", ref: 1 };
+const resume: ClientFrame = { action: "subscribe", body: { entity: "items", id: 100, v: "FL-mhbw0Hy2kS1-e" } };
 const frame = JSON.parse("{}") as ServerFrame<Item>;
 if (frame.action === "push") {
   if ("rows" in frame) console.log(frame.key.entity, frame.rows.map((item) => item.name));
   else console.log(frame.key.entity, frame.body.name);
 }
 if (frame.action === "pong") console.log(frame.ref);
+if (frame.action === "gone") console.log(frame.key.id, frame.v ?? "no version");
 
 // What the declarations refuse.
 // @ts-expect-error: the handlers' row type is Item, which has no "price".
@@ -68,4 +70,7 @@ es.setSecret(42);
 // @ts-expect-error: there is no "heartbeat" action; the heartbeat is "ping".
 const probe: ClientFrame = { action: "heartbeat" };
 
-export { ping, probe, state, url, wrong };
+// @ts-expect-error: a version is a string.
+const badVersion: ClientFrame = { action: "subscribe", body: { entity: "items", id: 1, v: 7 } };
+
+export { badVersion, ping, probe, resume, state, url, wrong };
