@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from .bus import Bus as Bus
 from .bus import BusSink as BusSink
 from .bus import MemoryBus as MemoryBus
+from .exceptions import BatchFetchError as BatchFetchError
 from .exceptions import BusError as BusError
 from .exceptions import ConfigError as ConfigError
 from .exceptions import EntitySyncError as EntitySyncError
@@ -23,6 +24,7 @@ from .publisher import Publisher as Publisher
 
 __all__ = [
     "MAX_ID_LENGTH",
+    "BatchFetchError",
     "Bus",
     "BusError",
     "BusSink",
