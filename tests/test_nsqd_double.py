@@ -24,18 +24,12 @@ import gnsq
 import pytest
 
 from tests.support.nsqd import Nsqd, NsqdHTTPError
+from tests.support.waiting import wait_for
 
 
 def poll(predicate: Callable[[], Any], timeout: float = 10.0, message: str = "condition") -> Any:
-    """Poll ``predicate`` with a deadline, yielding to gevent so gnsq's greenlets keep running."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        gevent.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value {last!r}")
+    """:func:`wait_for`, yielding to gevent so gnsq's greenlets keep running."""
+    return wait_for(predicate, timeout, message=message, sleep=gevent.sleep)
 
 
 # --------------------------------------------------------------------------- a raw protocol client
