@@ -21,7 +21,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from simple_websocket import ConnectionClosed
 
@@ -46,9 +46,10 @@ class _SerialSocket:
     #: The end of a frame whose start was written without waiting; written before anything else.
     residue = b""
 
-    def __init__(self, sock: Any, lock: threading.RLock) -> None:
+    def __init__(self, sock: Any, lock: threading.RLock, on_reader_stop: Callable[[], None]) -> None:
         self._sock = sock
         self._lock = lock
+        self._on_reader_stop = on_reader_stop
 
     def send(self, data: bytes) -> int:
         with self._lock:
@@ -66,7 +67,14 @@ class _SerialSocket:
         simple-websocket's reader closes its socket as soon as it stops
         reading, which can be while a close frame we sent is unread and the
         peer is still sending; the kernel would then reset the connection.
+
+        The reader calls this last, once it has marked the websocket closed,
+        so it is where the handler is woken. simple-websocket wakes a
+        ``receive`` before it marks an oversized message's websocket closed,
+        and on the threaded server the handler can run in between, see the
+        websocket still open and wait out its whole poll interval.
         """
+        self._on_reader_stop()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -88,7 +96,7 @@ class WebSocketTransport:
         self._close_sent = False
         #: The code and reason of the first close asked for; the one the client must get.
         self._close_wanted: tuple[int, str] | None = None
-        ws.sock = _SerialSocket(ws.sock, self._lock)
+        ws.sock = _SerialSocket(ws.sock, self._lock, ws.event.set)
         if max_message_bytes:
             # Read by simple-websocket on each message; larger ones close with 1009.
             ws.max_message_size = max_message_bytes
