@@ -126,5 +126,9 @@ class ServerPool:
         return server
 
     def close(self) -> None:
+        """Stop every server: all are told at once, as each may take its graceful timeout."""
+        for server in self.servers.values():
+            if server.proc.poll() is None:
+                server.proc.terminate()
         for server in self.servers.values():
             server.stop()
