@@ -283,23 +283,6 @@ def test_gnsq_does_not_warn_about_connections_closed_on_purpose(buses: list[Buff
         broker.close()
 
 
-def test_a_half_open_broker_connection_is_noticed_and_replaced(broker: Any, buses: list[BufferedBus],
-                                                               uid: str) -> None:
-    """The broker's host vanishes without a FIN or RST; the next connection works again."""
-    proxy = TcpProxy(broker.port)
-    try:
-        _, sink = started(buses, broker.url(proxy.port), uid, ["items"])
-        other, _ = started(buses, broker.url(), uid, ["items"])
-        resyncs = len(sink.resyncs)
-        proxy.freeze()
-        wait_for(lambda: len(sink.resyncs) > resyncs, timeout=30,
-                 message="a reconnection, and its resync, after two missed heartbeats")
-        other.publish([EntityKey("items", "after")])
-        wait_for(lambda: EntityKey("items", "after") in sink.keys, message="delivery on the new connection")
-    finally:
-        proxy.close()
-
-
 # -- reading NSQ connections in batches -----------------------------------------
 
 
