@@ -38,6 +38,7 @@ skip, or fail under CI (``CI=true`` or ``ENTITYSYNC_TEST_REQUIRE_NETNS=1``).
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -230,6 +231,7 @@ class Network:
         self.processes: list[subprocess.Popen[Any]] = []
         self.hosts: dict[str, Host] = {}
         self.front_octet = _front_subnet()
+        atexit.register(self.close)  # should the process end before the block does (Ctrl-C)
         try:
             self.broker = self._host("broker")
             self.broker.back_ip = f"{BACK_NET}.1"
@@ -283,6 +285,7 @@ class Network:
             _kill_inside(ns)  # a worker whose parent is gone, say
             _run("ip", "netns", "del", ns, check=False)
         self.namespaces.clear()
+        atexit.unregister(self.close)
 
     def leftovers(self) -> list[str]:
         """This network's namespaces and root-namespace links still present (none after close)."""
