@@ -57,17 +57,26 @@ DEGRADED_SECONDS = 3.0
 #: Seconds between two writes: a steady stream, not a flood that starves the servers.
 WRITE_PACING = 0.05
 
+
 class Site:
     """The broker and two servers on their hosts, and the rows' shared database."""
 
     def __init__(self, net: Network, kind: str, db: Path) -> None:
-        self.net = net
         self.kind = kind
+        self.nsqd: Nsqd | None = None
+        self.data: str | None = None
+        self.servers: list[Server] = []
+        try:
+            self._start(net, db)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, net: Network, db: Path) -> None:
         self.host_a = net.server_host("a")
         self.host_b = net.server_host("b")
         broker = net.broker
-        self.nsqd: Nsqd | None = None
-        if kind == "redis":
+        if self.kind == "redis":
             binary = shutil.which("redis-server")
             if binary is None:
                 missing("redis", "redis-server is not on PATH")
@@ -82,9 +91,8 @@ class Site:
             self.nsqd = Nsqd(host="0.0.0.0", reach=broker.front_ip, wrap=broker.wrap())
             self.nsqd.start()
             url = f"nsq://{broker.back_ip}:{self.nsqd.tcp_port}"
-        self.servers: list[Server] = []
-        for kind_, host in (("gunicorn", self.host_a), ("flask", self.host_b)):
-            server = Server(kind_, {"ENTITYSYNC_BUS_URL": url, "ENTITYSYNC_TOPIC_PREFIX": "faults_"},
+        for kind, host in (("gunicorn", self.host_a), ("flask", self.host_b)):
+            server = Server(kind, {"ENTITYSYNC_BUS_URL": url, "ENTITYSYNC_TOPIC_PREFIX": "faults_"},
                             extra_env={"ENTITYSYNC_TEST_DB": str(db)}, host=host.front_ip, wrap=host.wrap())
             self.servers.append(server)
             wait_for(lambda s=server: s.get("/_t/bus-ready")["ready"], timeout=30, message="the bus subscriptions")
@@ -95,7 +103,7 @@ class Site:
             server.stop()
         if self.nsqd is not None:
             self.nsqd.close()
-        if self.kind == "redis":
+        if self.data is not None:
             shutil.rmtree(self.data, ignore_errors=True)
 
 
@@ -107,13 +115,11 @@ def site(request: pytest.FixtureRequest) -> Iterator[Site]:
         missing("netns", str(exc))
     db = Path(tempfile.mkdtemp(prefix="entitysync-db-")) / "rows.sqlite3"
     with net:
-        built = None
+        built = Site(net, request.param, db)
         try:
-            built = Site(net, request.param, db)
             yield built
         finally:
-            if built is not None:
-                built.close()
+            built.close()
     shutil.rmtree(db.parent, ignore_errors=True)
     assert not net.leftovers(), "namespaces or links left behind"
 
