@@ -118,8 +118,8 @@ class Cohorts:
         self._lock = threading.Lock()
         #: Keys being refreshed → whether another notification arrived meanwhile.
         self._running: dict[EntityKey, bool] = {}
-        #: The units waiting for a lane, each with its round, oldest first.
-        self._queue: deque[tuple[_Round, Any]] = deque()
+        #: The rounds with units waiting for a lane, oldest first.
+        self._queue: deque[_Round] = deque()
         #: Whether a lane has been started that is not running yet.
         self._spare = False
         #: Only for logging: the first failure of a run is an error, later ones debug.
@@ -139,9 +139,9 @@ class Cohorts:
         while True:
             units = self._group(key, hub)
             if units:
-                round = _Round(self, key, hub, len(units))
+                round = _Round(self, key, hub, units)
                 with self._lock:
-                    self._queue.extend([(round, unit) for unit in units])
+                    self._queue.append(round)
                     spawn = not self._spare
                     self._spare = True
                 if spawn:
@@ -175,7 +175,12 @@ class Cohorts:
             while True:
                 with lock:
                     ended = finished is not None and finished.one_done()
-                    item = queue.popleft() if queue and time.monotonic() < stop else None
+                    round = unit = None
+                    if queue and time.monotonic() < stop:
+                        round = queue[0]
+                        unit = round.take()
+                        if round.taken == len(round.units):
+                            queue.popleft()
                     spawn = bool(queue) and not self._spare
                     if spawn:
                         self._spare = True
@@ -184,11 +189,11 @@ class Cohorts:
                 if ended:
                     self._end(finished)  # type: ignore[arg-type]  # ended implies a round
                     finished = None
-                    if item is None:
+                    if round is None:
                         continue  # the end may have queued the key's next round
-                if item is None:
+                if round is None:
                     return
-                finished, unit = item
+                finished = round
                 try:
                     finished.fetch(run, unit)
                 except BaseException:  # the task is killed: the round must still end
@@ -234,17 +239,26 @@ class Cohorts:
 class _Round:
     """One refresh of one key: its units, and the frames of each distinct result, built once."""
 
-    __slots__ = ("_cohorts", "_frames", "_keyframes", "hub", "key", "left")
+    __slots__ = ("_cohorts", "_frames", "_keyframes", "hub", "key", "left", "taken", "units")
 
-    def __init__(self, cohorts: Cohorts, key: EntityKey, hub: Hub, units: int) -> None:
+    def __init__(self, cohorts: Cohorts, key: EntityKey, hub: Hub, units: list[Any]) -> None:
         self._cohorts = cohorts
         self.key = key
         self.hub = hub
-        #: Units not fetched yet (changed under the cohorts' lock).
-        self.left = units
+        #: The groups (or chunks of groups) to fetch; how many a lane has taken, how many are unfinished.
+        #: Both counts change under the cohorts' lock.
+        self.units = units
+        self.taken = 0
+        self.left = len(units)
         self._keyframes = p.KeyFrames(key, cohorts._envelope)
         #: The frames of each distinct result of this round.
         self._frames: dict[Any, SharedFrames] = {}
+
+    def take(self) -> Any:
+        """The next unit for a lane. Called under the cohorts' lock, while units are left."""
+        unit = self.units[self.taken]
+        self.taken += 1
+        return unit
 
     def one_done(self) -> bool:
         """Count a unit fetched; True for the last one. Called under the cohorts' lock."""

@@ -61,6 +61,18 @@ class Histogram:
         self.sum += seconds
         self.max = max(self.max, seconds)
 
+    def observe_many(self, values: Sequence[float]) -> None:
+        """:meth:`observe` each of ``values``."""
+        counts, total, top = self.counts, self.sum, self.max
+        for seconds in values:
+            if seconds < 0.0:
+                seconds = 0.0
+            counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+            total += seconds
+            if seconds > top:
+                top = seconds
+        self.sum, self.max = total, top
+
     def snapshot(self) -> dict[str, Any]:
         """``count``, ``sum``, ``max``, ``avg`` and cumulative ``buckets`` (upper bound → count)."""
         count = sum(self.counts)
@@ -110,12 +122,8 @@ class Metrics:
             counters["fetch_errors"] += tally.errors
             counters["pushes"] += tally.pushes
             counters["gones"] += tally.gones
-            observe = self._fetch.observe
-            for seconds in tally.seconds:
-                observe(seconds)
-            observe = self._notify_to_push.observe
-            for seconds in tally.late:
-                observe(seconds)
+            self._fetch.observe_many(tally.seconds)
+            self._notify_to_push.observe_many(tally.late)
 
     def snapshot(self) -> dict[str, Any]:
         """Every counter, plus ``fetch_seconds`` and ``notify_to_push_seconds`` histograms."""
@@ -146,29 +154,32 @@ class FetchTally:
         #: Both clocks read once, to turn every monotonic end time into wall-clock time.
         self.wall = self.monotonic = 0.0
 
-    def _returned(self, key: EntityKey, started: float) -> None:
-        now = time.monotonic()
-        self.seconds.append(now - started)
-        if isinstance(key, NotifiedKey):
-            if not self.wall:
-                self.wall, self.monotonic = time.time(), time.monotonic()
-            self.late.append(self.wall + (now - self.monotonic) - key.notified_at)
-
     def fetched(self, key: EntityKey, started: float, result: object) -> None:
         """A fetch of ``key`` that began at ``started`` (``time.monotonic()``) returned ``result`` (None: gone)."""
-        self._returned(key, started)
+        now = time.monotonic()
+        self.seconds.append(now - started)
         if result is None:
             self.gones += 1
         else:
             self.pushes += 1
+        if isinstance(key, NotifiedKey):
+            self._late(key, now)
 
     def fetched_batch(self, key: EntityKey, started: float, results: Sequence[object]) -> None:
         """A batch fetch of ``key`` that began at ``started`` returned ``results``: one fetch
         call, one push or gone per result."""
-        self._returned(key, started)
+        now = time.monotonic()
+        self.seconds.append(now - started)
         gones = sum(1 for result in results if result is None)
         self.gones += gones
         self.pushes += len(results) - gones
+        if isinstance(key, NotifiedKey):
+            self._late(key, now)
+
+    def _late(self, key: NotifiedKey, now: float) -> None:
+        if not self.wall:
+            self.wall, self.monotonic = time.time(), time.monotonic()
+        self.late.append(self.wall + (now - self.monotonic) - key.notified_at)
 
     def failed(self, started: float) -> None:
         """A fetch that began at ``started`` raised."""

@@ -267,9 +267,9 @@ class KeyFrames:
 
     def __init__(self, key: EntityKey, envelope: bool = True) -> None:
         self._envelope = envelope
-        head = f'{{"action":"push","key":{encode_key(key)},"v":"'
-        self._push = head
-        self._gone = f'{{"action":"gone","key":{encode_key(key)},"v":"'
+        encoded = encode_key(key)
+        self._push = f'{{"action":"push","key":{encoded},"v":"'
+        self._gone = f'{{"action":"gone","key":{encoded},"v":"'
 
     def frames(self, result: FetchResult) -> tuple[list[str], str | None]:
         """The frames that carry ``result`` to a subscriber, and its version."""

@@ -18,6 +18,7 @@ from typing import Any, Callable, TypeVar
 
 from flask import Flask
 from flask.json.provider import DefaultJSONProvider
+from flask.signals import appcontext_tearing_down
 
 from .concurrency import Deadlines
 from .exceptions import BatchFetchError, ConfigError, FetchTimeoutError
@@ -242,7 +243,8 @@ class FetchRun:
             context.push()
         elif self._used:
             raised, self._raised = self._raised, None
-            app.do_teardown_appcontext(raised)  # what popping the previous call's context would run
+            if app.teardown_appcontext_funcs or appcontext_tearing_down.receivers:
+                app.do_teardown_appcontext(raised)  # what popping the previous call's context would run
             context.g = app.app_ctx_globals_class()
         self._used = True
         try:
