@@ -23,13 +23,20 @@ log = logging.getLogger("entitysync_sync")
 T = TypeVar("T")
 
 
+_patched = False
+
+
 def gevent_active() -> bool:
     """True when gevent has patched ``threading`` in this process."""
+    global _patched
+    if _patched:
+        return True  # patching is never undone: asked on every spawn, answered at once
     try:
         from gevent import monkey
     except ImportError:  # pragma: no cover - gevent is a dependency
         return False
-    return bool(monkey.is_module_patched("threading"))
+    _patched = bool(monkey.is_module_patched("threading"))
+    return _patched
 
 
 class Tasks:
