@@ -122,6 +122,8 @@ class Cohorts:
         self._queue: deque[_Round] = deque()
         #: Whether a lane has been started that is not running yet.
         self._spare = False
+        #: Rounds started so far (refreshes of a changed key for its subscribers).
+        self._rounds = 0
         #: Only for logging: the first failure of a run is an error, later ones debug.
         self._failures = FetchFailures(0.0, tasks)
 
@@ -142,6 +144,7 @@ class Cohorts:
                 round = _Round(self, key, hub, units)
                 with self._lock:
                     self._queue.append(round)
+                    self._rounds += 1
                     spawn = not self._spare
                     self._spare = True
                 if spawn:
@@ -149,6 +152,13 @@ class Cohorts:
                 return
             if self._done(key):
                 return
+
+    def stats(self) -> dict[str, int]:
+        """``cohort_rounds`` (refreshes of changed per-user keys, coalesced) and ``cohort_queue``
+        (fetches, of a group or of a batch chunk, waiting for a lane)."""
+        with self._lock:
+            waiting = sum(len(round.units) - round.taken for round in self._queue)
+            return {"cohort_rounds": self._rounds, "cohort_queue": waiting}
 
     def _done(self, key: EntityKey) -> bool:
         """End the key's refresh, unless a notification asked for another meanwhile."""
