@@ -3,12 +3,12 @@
 When a key of a per-user entity is delivered, the hub hands it to
 :class:`Cohorts` instead of asking each subscriber to refresh on its own.
 The subscribers are grouped by their secret (a user with five tabs is one
-group); each group's key is fetched once, with that secret, its frames are
-encoded once, and every member gets them through its own writer, exactly
-like a shared fetch (:mod:`entitysync_sync.fanout`), so a slow member still
-delays only itself. A subscriber alone with its secret is asked to refresh
-on its own instead, as without cohorts: its connection's worker fetches,
-which costs less than a group of one.
+group, a user alone with its secret a group of one); each group's key is
+fetched once, with that secret, its frames are encoded once (and once for
+equal JSON texts of different groups), and every member gets them through
+its own writer, exactly like a shared fetch (:mod:`entitysync_sync.fanout`),
+so a slow member still delays only itself. The fetches of every changed key
+wait in one queue, worked through by lanes (see :class:`Cohorts`).
 
 A member is identified with the secret *and* the secret's generation it had
 when the group was formed: a member whose secret changed meanwhile is not

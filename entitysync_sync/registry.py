@@ -4,8 +4,10 @@
 ``authorize``, ``identify`` and ``on_message`` callbacks, as the decorators
 of :class:`~entitysync_sync.EntitySync` record them. :class:`AppHandlers`
 runs them for the rest of the package, which never touches a callback
-directly: every call gets a fresh application context, and a fetch gets
-the fetch timeout, its metrics and the encoding of its rows.
+directly: ``authorize`` and ``on_message`` get a fresh application context
+per call; fetches run through a :class:`FetchRun`, which gives each one the
+fetch timeout, its metrics and the encoding of its rows, and fetches made
+one after another one application context that each call sees as fresh.
 """
 
 from __future__ import annotations
