@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 from flask import Flask
 from flask.json.provider import DefaultJSONProvider
@@ -29,7 +29,6 @@ from .metrics import FetchTally, Metrics
 from .protocol import FetchResult
 
 FetchFn = Callable[[EntityKey, Any], Any]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ class AppHandlers:
         self._app = app
         self._fetch_timeout = fetch_timeout
         self._metrics = metrics
-        self._encoders: tuple[tuple[Any, ...], json.JSONEncoder] | None = None
+        self._encoders: tuple[Any, bool, bool, json.JSONEncoder] | None = None
 
     def has_entity(self, entity: str) -> bool:
         return entity in self._registry.entities
@@ -157,13 +156,14 @@ class AppHandlers:
 
     def _encoder(self, provider: Any) -> json.JSONEncoder:
         """What ``provider.dumps(row, separators=(",", ":"))`` runs, built once per set of settings."""
-        settings = (provider.default, provider.ensure_ascii, provider.sort_keys)
         cached = self._encoders
-        if cached is None or cached[0] != settings:
-            encoder = json.JSONEncoder(default=settings[0], ensure_ascii=settings[1], sort_keys=settings[2],
+        if (cached is None or cached[0] is not provider.default or cached[1] != provider.ensure_ascii
+                or cached[2] != provider.sort_keys):
+            default, ensure_ascii, sort_keys = provider.default, provider.ensure_ascii, provider.sort_keys
+            encoder = json.JSONEncoder(default=default, ensure_ascii=ensure_ascii, sort_keys=sort_keys,
                                        separators=(",", ":"))
-            cached = self._encoders = (settings, encoder)
-        return cached[1]
+            cached = self._encoders = (default, ensure_ascii, sort_keys, encoder)
+        return cached[3]
 
 
 class FetchRun:
@@ -184,6 +184,8 @@ class FetchRun:
         self._handlers = handlers
         self._entities = handlers._registry.entities
         self._deadlines = Deadlines(handlers._fetch_timeout, handlers._timed_out)
+        #: Whether the calls run here (gevent, or no timeout), not each in a thread of its own.
+        self._here = self._deadlines.in_caller
         self._context: Any = None
         #: Whether a call ran in the context since its ``g`` was made, and what it raised.
         self._used = False
@@ -206,7 +208,7 @@ class FetchRun:
             secret = None  # a shared fetch must not depend on whoever subscribed first
         started = time.monotonic()
         try:
-            result: FetchResult = self._deadlines.call(self._in_context, self._fetch_one, entity, key, secret)
+            result: FetchResult = self._deadlines.call(self._call, entity, key, secret, False)
         except Exception:
             self._tally.failed(started)
             raise
@@ -222,23 +224,21 @@ class FetchRun:
         entity = self._entities[key.entity]
         started = time.monotonic()
         try:
-            results: list[FetchResult] = self._deadlines.call(self._in_context, self._fetch_many, entity, key,
-                                                              secrets)
+            results: list[FetchResult] = self._deadlines.call(self._call, entity, key, secrets, True)
         except Exception:
             self._tally.failed(started)
             raise
         self._tally.fetched_batch(key, started, results)
         return results
 
-    def _in_context(self, fn: Callable[[Entity, EntityKey, Any], T], entity: Entity, key: EntityKey,
-                    arg: Any) -> T:
-        """``fn(entity, key, arg)`` in the run's application context, pushed on the first call
-        and made as if fresh for each later one; or in a context of its own when calls run
-        in threads of their own (a fetch timeout without gevent)."""
-        app = self._handlers._app
-        if not self._deadlines.in_caller:
+    def _call(self, entity: Entity, key: EntityKey, arg: Any, batch: bool) -> Any:
+        """The fetch's encoded result (``batch``: results) in the run's application context,
+        pushed on the first call and made as if fresh for each later one; or in a context of
+        its own when calls run in threads of their own (a fetch timeout without gevent)."""
+        app, encode = self._handlers._app, self._handlers._encode_result
+        if not self._here:
             with app.app_context():
-                return fn(entity, key, arg)
+                return self._results(entity, key, arg) if batch else encode(entity.fetch(key, arg))
         context = self._context
         if context is None:
             context = self._context = app.app_context()
@@ -250,15 +250,12 @@ class FetchRun:
             context.g = app.app_ctx_globals_class()
         self._used = True
         try:
-            return fn(entity, key, arg)
+            return self._results(entity, key, arg) if batch else encode(entity.fetch(key, arg))
         except BaseException as exc:
             self._raised = exc
             raise
 
-    def _fetch_one(self, entity: Entity, key: EntityKey, secret: Any) -> FetchResult:
-        return self._handlers._encode_result(entity.fetch(key, secret))
-
-    def _fetch_many(self, entity: Entity, key: EntityKey, secrets: list[Any]) -> list[FetchResult]:
+    def _results(self, entity: Entity, key: EntityKey, secrets: list[Any]) -> list[FetchResult]:
         results = entity.fetch(key, list(secrets))
         if isinstance(results, (str, bytes, dict)) or not isinstance(results, Iterable):
             raise BatchFetchError(
