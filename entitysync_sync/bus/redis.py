@@ -114,10 +114,7 @@ class RedisBus(BufferedBus):
         self.routing = routing
         self.unsubscribe_delay = float(unsubscribe_delay)
         self.health_check_interval = health_check_interval
-        try:
-            self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True)
-        except ValueError as exc:
-            raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: {exc}") from None
+        self._client = self._make_client(url)
         self._pending: set[str] = set()
         self._pending_lock = threading.Lock()
         self._read_failures = 0
@@ -129,10 +126,20 @@ class RedisBus(BufferedBus):
         self._leaving: OrderedDict[bytes, float] = OrderedDict()
         self._changed: set[bytes] = set()
 
+    def _make_client(self, url: str) -> Any:
+        """The redis-py client that publishes; :class:`ConfigError` if ``url`` is malformed."""
+        try:
+            return self._redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True)
+        except ValueError as exc:
+            raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: {exc}") from None
+
+    #: The routing of a bus whose URL names none.
+    default_routing = "entity"
+
     @classmethod
     def from_url(cls, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000) -> RedisBus:
         rest, options = split_options(url)
-        routing = options.get("routing", "entity")
+        routing = options.get("routing", cls.default_routing)
         delay_text = options.get("unsubscribe_delay", "5")
         try:
             delay = float(delay_text)
