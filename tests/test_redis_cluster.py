@@ -65,6 +65,7 @@ def test_keys_spread_over_every_shard_and_reach_only_the_bus_watching_them(
         b.watch(key)
     wait_for(lambda: len(sink_a.keys) == 300 and len(sink_b.keys) == 300, message="every key channel confirmed")
     assert a.stats()["nodes"] == 3  # a connection to each master
+    assert key_slot(b"foo") == 12182 and key_slot(b"{user1000}.following") == key_slot(b"user1000")  # as Redis
     shares = keys_by_master(redis_cluster, uid, [key.id for key in mine])
     assert len(shares) == 3 and min(len(ids) for ids in shares.values()) >= 60  # ~100 each
     for port, ids in shares.items():  # each shard holds its keys' channels: SSUBSCRIBEd where they live
@@ -90,6 +91,10 @@ def test_a_foreign_publish_and_a_resync_request_on_the_entity_channel_reach_the_
     wait_for(lambda: len(sink.keys) == 2, message="the foreign publishes")
     bus.publish_entities(["items"])
     wait_for(lambda: "items" in sink.resyncs[1:], message="the resync request")
+    # flask entitysync stats: the servers subscribed to an entity channel, counted over every master
+    probe = RedisClusterBus.probe(redis_cluster.url(), [f"{uid}items", f"{uid}other"], timeout=5)
+    assert probe["reachable"] is True
+    assert probe["subscribers"] == {f"{uid}items": 1, f"{uid}other": 0}
 
 
 def test_entity_routing_publishes_on_the_entity_channel(buses: Any, redis_cluster: RedisClusterNodes,

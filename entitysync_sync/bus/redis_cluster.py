@@ -47,6 +47,7 @@ and on threads under ``flask run``, and leaves every reconnect to this bus.
 
 from __future__ import annotations
 
+import binascii
 import logging
 import random
 import socket
@@ -77,13 +78,7 @@ def key_slot(channel: bytes) -> int:
         end = channel.find(b"}", start + 1)
         if end > start + 1:
             channel = channel[start + 1:end]
-    crc = 0
-    for byte in channel:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-            crc &= 0xFFFF
-    return crc % SLOTS
+    return binascii.crc_hqx(channel, 0) % SLOTS  # CRC16-CCITT (XMODEM), Redis Cluster's CRC16
 
 
 def parse_nodes(url: str) -> tuple[list[Address], str | None, str | None]:
@@ -355,7 +350,17 @@ class RedisClusterBus(RedisBus):
             command = "SPUBLISH" if ":" in topic else "PUBLISH"
             for body in bodies:
                 pipe.execute_command(command, topic, body)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except Exception:
+            # redis-py follows MOVED by itself; after anything else the next attempt starts
+            # from a new client, which reads the slot map afresh (a node may be gone for good).
+            client, self._cluster = self._cluster, None
+            try:
+                client.close()
+            except Exception:  # pragma: no cover - closing what already failed
+                pass
+            raise
 
     def _shutdown(self) -> None:
         if self._receiving:
@@ -386,7 +391,7 @@ class RedisClusterBus(RedisBus):
             known = list(dict.fromkeys([*(self._owners or ()), *self._startup]))
         try:
             owners = _read_slot_map(known, self._username, self._password)
-        except (OSError, NodeError) as exc:
+        except Exception as exc:  # unreachable, refused, or a reply this bus cannot read
             with self._pending_lock:
                 self._failures += 1
                 failures = self._failures
@@ -470,7 +475,7 @@ class RedisClusterBus(RedisBus):
         try:
             connection = _Connection(node.address, self._username, self._password)
             self._serve(node, connection)
-        except (OSError, NodeError) as exc:
+        except Exception as exc:  # unreachable, closed, an error reply, or a reply this bus cannot read
             self.counters["node_failures"] += 1
             with self._pending_lock:
                 node.stopped = True
