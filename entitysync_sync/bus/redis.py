@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, Container, Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..backoff import backoff
@@ -194,8 +194,9 @@ class RedisBus(BufferedBus):
     def _route(self, key: EntityKey) -> str:
         return self.key_channel(key) if self.routing == "key" else self.topic(key.entity)
 
-    def _key_changes(self, subscribed: set[bytes]) -> tuple[list[bytes], list[bytes]]:
-        """The key channels to subscribe and to unsubscribe now, given those ``subscribed``."""
+    def _key_changes(self, subscribed: Container[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """The key channels to subscribe and to unsubscribe now, given those ``subscribed``
+        (looked up under the lock)."""
         now = time.monotonic()
         with self._pending_lock:
             while self._leaving:

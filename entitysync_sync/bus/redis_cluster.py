@@ -253,6 +253,17 @@ class _Node:
         return f"{self.address[0]}:{self.address[1]}"
 
 
+class _Placed:
+    """The channels placed on a node or waiting for one: what counts as subscribed, without a copy."""
+
+    def __init__(self, placed: dict[bytes, Address], homeless: set[bytes]) -> None:
+        self._placed = placed
+        self._homeless = homeless
+
+    def __contains__(self, channel: object) -> bool:
+        return channel in self._placed or channel in self._homeless
+
+
 class RedisClusterBus(RedisBus):
     """Notifications through a Redis Cluster's sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``).
 
@@ -406,9 +417,10 @@ class RedisClusterBus(RedisBus):
 
     def _place(self) -> None:
         """Hand new, dropped and moved channels to the nodes that own their slots."""
-        with self._pending_lock:
-            subscribed = set(self._placed) | self._homeless
-        add, drop = self._key_changes(subscribed) if self.routing == "key" else ([], [])
+        if not (self._changed or self._leaving or self._homeless or self._pending or self._classic is None):
+            return  # nothing to do: the usual case, checked without the lock
+        add, drop = (self._key_changes(_Placed(self._placed, self._homeless)) if self.routing == "key"
+                     else ([], []))
         with self._pending_lock:
             for channel in drop:
                 self._homeless.discard(channel)
