@@ -123,9 +123,13 @@ def test_bad_cluster_urls_are_config_errors_without_the_password(url: str, messa
     assert "hunter2" not in str(info.value)
 
 
+@pytest.mark.parametrize("case", ["unreachable", "wrong password"])
 def test_an_unreachable_cluster_is_logged_and_retried_without_the_password(
-        caplog: pytest.LogCaptureFixture, uid: str) -> None:
-    url = f"redis+cluster://user:hunter2@127.0.0.1:{free_port()},127.0.0.1:{free_port()}/"
+        caplog: pytest.LogCaptureFixture, redis_cluster: RedisClusterNodes, uid: str, case: str) -> None:
+    if case == "unreachable":
+        url = f"redis+cluster://user:hunter2@127.0.0.1:{free_port()},127.0.0.1:{free_port()}/"
+    else:
+        url = redis_cluster.url(password="hunter2").replace("://:", "://user:")
     bus = bus_from_url(url, topic_prefix=uid)
     sink = RecordingSink()
     with caplog.at_level(logging.INFO, logger="entitysync_sync"):
