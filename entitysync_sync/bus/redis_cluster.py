@@ -67,8 +67,8 @@ SCHEME = "redis+cluster"
 SLOTS = 16384
 #: Seconds to wait for a node to accept a connection or answer a command.
 CONNECT_TIMEOUT = 5.0
-#: Replies handled in a row before a node's reader sends what is waiting and lets others run.
-DRAIN = 500
+#: Seconds a node's reader handles replies in a row before it sends what waits and lets others run.
+DRAIN_SECONDS = 0.05
 
 Address = tuple[str, int]
 
@@ -539,12 +539,11 @@ class RedisClusterBus(RedisBus):
             if commands:
                 connection.send(commands)
             reply = connection.read(KEY_BATCH_INTERVAL)
-            handled = 0
+            until = time.monotonic() + DRAIN_SECONDS
             while reply is not None:
                 if self._handle(node, reply, entity_channels):
                     last_pong = time.monotonic()
-                handled += 1
-                if handled == DRAIN:
+                if time.monotonic() >= until:
                     # A flood of messages must not hold up new subscriptions and PINGs, nor, under
                     # gevent, the other greenlets: reading more never waits while data is there.
                     time.sleep(0)
