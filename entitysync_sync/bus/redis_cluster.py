@@ -141,7 +141,15 @@ class _Error(str):
 
 
 class _Connection:
-    """One RESP2 connection to one node, for subscribing: send commands, read replies as they come."""
+    """One RESP3 connection to one node: send commands, read replies and pushes as they come.
+
+    RESP3 (``HELLO 3``), because a subscribed RESP2 connection accepts no
+    command but (un)subscriptions and PING, and the subscribing side must ask
+    ``ROLE`` before each ``SSUBSCRIBE``: Redis 7.0 lets a replica accept one,
+    and a replica's subscriber misses what is published while it is not yet
+    known as one, so a channel placed from a slot map read just before a
+    failover became known would be silently lost.
+    """
 
     def __init__(self, address: Address, username: str | None, password: str | None) -> None:
         self.address = address
@@ -149,8 +157,8 @@ class _Connection:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.buffer = b""
         self.offset = 0
-        if password is not None:
-            self.call("AUTH", *((username,) if username else ()), password)
+        auth = ("AUTH", username or "default", password) if password is not None else ()
+        self.call("HELLO", "3", *auth)
 
     def send(self, commands: Iterable[tuple[bytes | str, ...]]) -> None:
         """Send ``commands`` in one write; their replies come later, through :meth:`read`."""
@@ -184,6 +192,8 @@ class _Connection:
                 reply, self.offset = parsed
                 if self.offset > 65536:
                     self.buffer, self.offset = self.buffer[self.offset:], 0
+                if reply is None:
+                    continue  # a null: no command sent here answers one
                 return reply
             self.sock.settimeout(timeout)
             try:
@@ -215,8 +225,8 @@ class _Connection:
             if len(buffer) < after + size + 2:
                 return None
             return buffer[after:after + size], after + size + 2
-        if kind == b"*":
-            count = int(line)
+        if kind in (b"*", b">", b"~", b"%", b"|"):  # array, push, set, map and attributes: flat lists
+            count = int(line) * (2 if kind in (b"%", b"|") else 1)
             items: list[Any] = []
             for _ in range(max(count, 0)):
                 parsed = self._parse(after)
@@ -224,7 +234,23 @@ class _Connection:
                     return None
                 item, after = parsed
                 items.append(item)
+            if kind == b"|":  # attributes precede the reply they describe
+                return self._parse(after)
             return items, after
+        if kind == b"_":
+            return None, after
+        if kind == b"#":
+            return line == b"t", after
+        if kind in (b",", b"("):
+            return (float(line) if kind == b"," else int(line)), after
+        if kind in (b"=", b"!"):  # verbatim string, blob error
+            size = int(line)
+            if len(buffer) < after + size + 2:
+                return None
+            data = buffer[after:after + size]
+            if kind == b"!":
+                return _Error(data.decode(errors="replace")), after + size + 2
+            return data[4:], after + size + 2
         raise ConnectionError(f"not a RESP reply: {buffer[at:at + 16]!r}")
 
     def close(self) -> None:
@@ -524,6 +550,10 @@ class RedisClusterBus(RedisBus):
                 topics = {self.topic(entity).encode(): entity for entity in sorted(entities)}
                 entity_channels.update(topics)
                 commands.append(("SUBSCRIBE", *topics))
+            if add:
+                # Answered, in order, before the SSUBSCRIBEs are run: a replica's answer ends this
+                # connection, and its channels go to the slots' current owners.
+                commands.append(("ROLE",))
             for command, channels in (("SSUBSCRIBE", add), ("SUNSUBSCRIBE", drop)):
                 by_slot: dict[int, list[bytes]] = {}
                 for channel in channels:
@@ -559,6 +589,9 @@ class RedisClusterBus(RedisBus):
         kind = reply[0]
         if kind in (b"smessage", b"message"):
             self._received(reply[2])
+        elif kind in (b"slave", b"replica"):  # ROLE: this node no longer owns the slots
+            self.counters["replica_answers"] += 1
+            raise NodeError(f"{node.name} is a replica now")
         elif kind == b"pong":
             return True
         elif kind == b"ssubscribe":
