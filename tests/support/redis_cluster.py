@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from tests.support.brokers import missing, redis_ping
@@ -106,17 +107,33 @@ class RedisClusterNodes:
         return result
 
     def replica_of(self, master: int) -> int:
-        """The port of a replica of the master on ``master``."""
-        ids = {}
-        for line in command(master, "CLUSTER", "NODES").splitlines():
-            fields = line.split()
-            ids[fields[0]] = int(fields[1].split("@")[0].rpartition(":")[2])
-        master_id = next(node for node, port in ids.items() if port == master)
-        for line in command(master, "CLUSTER", "NODES").splitlines():
-            fields = line.split()
-            if fields[3] == master_id and "slave" in fields[2]:
-                return ids[fields[0]]
-        raise AssertionError(f"no replica of {master}")
+        """The port of a replica of the master on ``master`` (polled: a new replica is announced by gossip)."""
+        def find() -> int | None:
+            for port in self.procs:
+                nodes = [line.split() for line in command(port, "CLUSTER", "NODES").splitlines()]
+                ports = {fields[0]: int(fields[1].split("@")[0].rpartition(":")[2]) for fields in nodes}
+                master_id = next((node for node, node_port in ports.items() if node_port == master), None)
+                for fields in nodes:
+                    if fields[3] == master_id and "slave" in fields[2] and "fail" not in fields[2]:
+                        return ports[fields[0]]
+            return None
+
+        found: int = wait_for(find, timeout=20, interval=0.1, message=f"a replica of {master}")
+        return found
+
+    def failover(self, replica: int, timeout: float = 30.0) -> None:
+        """Promote ``replica`` with ``CLUSTER FAILOVER``, asked again if an attempt times out
+        (Redis gives a manual failover 5 s to complete, which a loaded machine can miss)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert command(replica, "CLUSTER", "FAILOVER").strip() == "OK"
+            try:
+                wait_for(lambda: replica in self.masters(), timeout=6, interval=0.1,
+                         message="the replica promoted")
+                return
+            except AssertionError:
+                if time.monotonic() >= deadline:
+                    raise
 
     def master_of_slot(self, slot: int) -> int:
         for port, ranges in self.masters().items():
@@ -130,8 +147,12 @@ class RedisClusterNodes:
             if "cluster_state:ok" not in command(port, "CLUSTER", "INFO"):
                 return False
         serving = self.masters()
-        return len(serving) == masters and sum(last - first + 1 for ranges in serving.values()
-                                               for first, last in ranges) == 16384
+        if len(serving) != masters or sum(last - first + 1 for ranges in serving.values()
+                                          for first, last in ranges) != 16384:
+            return False
+        replicas = [line for line in command(next(iter(self.procs)), "CLUSTER", "NODES").splitlines()
+                    if "slave" in line.split()[2] and "fail" not in line.split()[2]]
+        return len(replicas) == len(self.procs) - masters  # every running node serves or replicates
 
     def wait_healthy(self, masters: int = 3, timeout: float = 30.0) -> None:
         wait_for(lambda: self.healthy(masters), timeout=timeout, interval=0.1,
