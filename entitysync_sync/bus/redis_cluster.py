@@ -40,9 +40,11 @@ up to the timeout on each, so a message on one shard waits for the others'
 timeouts (or the reader spins); a redis-py ``PubSub`` that reconnects by itself
 re-subscribes every shard channel in one ``SSUBSCRIBE`` (refused as
 ``CROSSSLOT``) on the node it knew, and neither says when a channel moved, which
-this bus must know to refresh the key. A RESP2 reader of subscription replies
+this bus must know to refresh the key. A RESP3 reader of subscription replies
 is a few dozen lines, runs on gevent's sockets under ``gunicorn -k gevent``
-and on threads under ``flask run``, and leaves every reconnect to this bus.
+and on threads under ``flask run``, and leaves every reconnect to this bus;
+RESP3 also lets the subscribed connection ask ``ROLE`` before each
+``SSUBSCRIBE`` (see :class:`_Connection`).
 """
 
 from __future__ import annotations
