@@ -12,7 +12,8 @@ The scenarios, in the order they run (see each module):
 * ``compression`` (:mod:`bench.compression`): f. what permessage-deflate costs;
 * ``pg`` (:mod:`bench.pg`): g. what notifying from PostgreSQL costs its writers; it runs only
   when named (``--only pg``), as it needs PostgreSQL and ``pgbench``.
-* ``routing`` (:mod:`bench.routing`): h. entity against key routing, four servers on Redis;
+* ``routing`` (:mod:`bench.routing`): h. entity against key routing, four servers on Redis, and key
+  routing on a Redis Cluster of three masters;
 * ``redis_cost`` (:mod:`bench.redis_cost`): i. what key routing costs a Redis server of its own.
 * ``storm`` (:mod:`bench.storm`): j. every client reconnecting at once after a restart;
 * ``cohorts`` (:mod:`bench.cohorts`): k. 1,000 subscribers of one per-user key: cohorts and batch fetch.

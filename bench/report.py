@@ -187,7 +187,8 @@ def _routing(result: dict[str, Any]) -> str:
         rows.append([r["server"], str(g["notifications"]), " ".join(f"{s:.0%}" for s in g["received_share"]),
                      _f(g["cluster_per_s"], ".0f"), _f(g["cpu_us_per_notification"]), _f(g["seconds"], ".2f"),
                      _ratio(g["cluster_per_s"], entity.get("cluster_per_s"))])
-    return table("h. routing: 4 servers on one Redis, each server's clients hold 1,000 of 4,000 keys; notifications"
+    return table("h. routing: 4 servers on one Redis (or a Redis Cluster of 3 masters), each server's clients hold"
+                 " 1,000 of 4,000 keys; notifications"
                  " of random keys published into Redis (CPU: all four workers, per notification)",
                  ["server", "notifications", "share each server received", "cluster notif/s", "CPU us/notif",
                   "seconds", "vs entity"], rows)

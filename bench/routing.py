@@ -1,7 +1,9 @@
 """Scenario h: entity routing against key routing on Redis, four servers.
 
 Four ``gunicorn`` servers of entitysync (shared entity) on one Redis, first
-with ``?routing=entity`` then with ``?routing=key``. 4,000 keys, spread so
+with ``?routing=entity`` then with ``?routing=key``; then on a Redis Cluster of
+three masters of the benchmark's own (``redis+cluster://``, key channels as
+shard channels, published with ``SPUBLISH`` to the master of each key's slot). 4,000 keys, spread so
 that each server's clients hold 1,000 of them (100 connections of 10 keys
 each per server). Then 20,000 notifications of random keys are published
 straight into Redis as ``PUBLISH`` commands written in one go on the channel each routing
@@ -30,6 +32,7 @@ from typing import Any
 from bench.client import Tracker, open_conns
 from bench.cross import wait_bus
 from bench.measure import WAIT, row_or_error, serving
+from bench.redis_cluster import redis_cluster
 from bench.server import Server
 from bench.systems import ES_SHARED
 from bench.usage import cpu_seconds
@@ -40,15 +43,20 @@ KEYS_PER_SERVER = 1000
 KEYS_PER_CONN = 10
 
 
-async def measure(routing: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The row of one routing: four servers, their clients, then the burst of notifications."""
+async def measure(routing: str, args: argparse.Namespace, cluster: list[int] | None = None) -> dict[str, Any]:
+    """The row of one routing: four servers, their clients, then the burst of notifications;
+    on the Redis Cluster of masters on ports ``cluster``, if given."""
     from entitysync_sync import EntityKey
     from entitysync_sync.bus.redis import RedisBus
+    from entitysync_sync.bus.redis_cluster import key_slot
 
-    row: dict[str, Any] = {"server": f"entitysync shared, {SERVERS} servers, routing={routing}"}
+    where = f", Redis Cluster of {len(cluster)} masters" if cluster else ""
+    row: dict[str, Any] = {"server": f"entitysync shared, {SERVERS} servers{where}, routing={routing}"}
     tracker = Tracker()
     conns_per_server = KEYS_PER_SERVER // KEYS_PER_CONN
-    env = {"FLASK_ENTITYSYNC_BUS_URL": f"{REDIS_URL}?routing={routing}"}
+    url = (f"redis+cluster://{','.join(f'127.0.0.1:{port}' for port in cluster)}/" if cluster
+           else f"{REDIS_URL}?routing={routing}")
+    env = {"FLASK_ENTITYSYNC_BUS_URL": url}
     async with AsyncExitStack() as stack:
         servers = [await stack.enter_async_context(serving(row, ES_SHARED, conns_per_server, f"-{routing}-{n}", env))
                    for n in range(SERVERS)]
@@ -76,22 +84,30 @@ async def measure(routing: str, args: argparse.Namespace) -> dict[str, Any]:
         before = [(await server.get_json("/bus-stats")).get("received", 0) for server, _ in servers]
         cpu0 = [cpu_seconds(server.worker_pid) for server, _ in servers]
         # The commands are encoded beforehand and written in one go, so the publisher's own CPU
-        # (one Python process on the same machine) stays out of the servers' figures.
-        wire = b"".join(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-                        % (len(c), c.encode(), len(b), b) for c, b in messages)
+        # (one Python process on the same machine) stays out of the servers' figures. On the
+        # cluster each master gets the SPUBLISH commands of the keys whose slot it serves.
+        by_port: dict[int, list[tuple[str, bytes]]] = {}
+        owners = _slot_owners(cluster[0]) if cluster else []
+        for channel, body in messages:
+            port = owners[key_slot(channel.encode())] if cluster else 6379
+            by_port.setdefault(port, []).append((channel, body))
+        verb = b"SPUBLISH" if cluster else b"PUBLISH"
+        wires = {port: b"".join(b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                                % (len(verb), verb, len(c), c.encode(), len(b), b) for c, b in group)
+                 for port, group in by_port.items()}
 
-        def publish() -> None:
-            with socket.create_connection(("127.0.0.1", 6379)) as sock:
-                sock.sendall(wire)
+        def publish(port: int) -> None:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(wires[port])
                 replies = 0
-                while replies < len(messages):
+                while replies < len(by_port[port]):
                     chunk = sock.recv(1 << 16)
                     if not chunk:
                         raise ConnectionError("Redis closed the connection")
                     replies += chunk.count(b"\r\n")
 
         t0 = time.perf_counter()
-        await asyncio.to_thread(publish)
+        await asyncio.gather(*(asyncio.to_thread(publish, port) for port in wires))
         published = time.perf_counter() - t0
         deadline = time.monotonic() + WAIT
         received = [0] * SERVERS
@@ -126,10 +142,30 @@ async def wait_stat(server: Server, name: str, value: int, timeout: float = 30) 
         await asyncio.sleep(0.05)
 
 
+def _slot_owners(port: int) -> list[int]:
+    """The port of the master of every slot, from ``CLUSTER SLOTS`` on the node at ``port``."""
+    import redis
+
+    client = redis.Redis(port=port)
+    try:
+        owners = [0] * 16384
+        for first, last, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+            owners[first:last + 1] = [int(master[1])] * (last - first + 1)
+        return owners
+    finally:
+        client.close()
+
+
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The two rows: entity routing, then key routing."""
+    """The three rows: entity routing, key routing, and key routing on a Redis Cluster."""
     rows = []
     for routing in ("entity", "key"):
         print(f"measuring routing across {SERVERS} servers: {routing} ...", file=sys.stderr, flush=True)
         rows.append(await row_or_error(routing, measure(routing, args)))
+    print(f"measuring routing across {SERVERS} servers: key, on a Redis Cluster ...", file=sys.stderr, flush=True)
+    try:
+        with redis_cluster() as ports:
+            rows.append(await row_or_error("key", measure("key", args, ports)))
+    except Exception as exc:
+        rows.append({"server": "Redis Cluster", "error": f"{type(exc).__name__}: {exc}"})
     return rows

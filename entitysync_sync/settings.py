@@ -29,7 +29,8 @@ def _path(value: Any, key: str) -> str:
 
 
 def _bus_url(value: Any, key: str) -> str:
-    """A bus URL: ``memory://``, ``redis://...``, ``rediss://...``, ``nsq://...`` or ``postgresql://...``."""
+    """A bus URL: ``memory://``, ``redis://...``, ``rediss://...``, ``redis+cluster://...``, ``nsq://...``
+    or ``postgresql://...``."""
     if not isinstance(value, str):
         raise ConfigError(f"{key} must be a string such as 'memory://'")
     return value
@@ -144,7 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
         and private to this app (``memory://NAME`` is shared by the apps of one
         process that use the same name) and **reaches only the process it runs in**;
         a warning is logged when gunicorn runs several workers with it.
-        ``redis://host:6379/0`` (or ``rediss://``) and ``nsq://host:4150`` reach
+        ``redis://host:6379/0`` (or ``rediss://``), ``redis+cluster://h1:7000,h2:7001/``
+        (a Redis Cluster) and ``nsq://host:4150`` reach
         every worker and server; ``postgresql://user@host:5432/db`` uses the
         database's LISTEN/NOTIFY (see :doc:`/postgresql`). An unsupported scheme
         raises :class:`~entitysync_sync.ConfigError`."""),

@@ -17,6 +17,7 @@ import pytest
 from tests.support.brokers import BROKERS, PgBroker, PgSchema, make_broker
 from tests.support.clients import Client
 from tests.support.nsqd import Nsqd, describe_backend
+from tests.support.redis_cluster import RedisClusterNodes
 from tests.support.servers import SERVER_KINDS, Server, ServerPool
 from tests.support.waiting import wait_for
 
@@ -105,6 +106,20 @@ def cluster(uid: str) -> Iterator[Callable[..., Server]]:
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    """A Redis Cluster of the tests' own: three masters with a replica each, on free ports.
+
+    Tests may restart nodes and fail shards over, but leave it healthy (three masters serving
+    every slot) for the next; it is torn down at the end of the session.
+    """
+    nodes = RedisClusterNodes()
+    try:
+        yield nodes
+    finally:
+        nodes.close()
 
 
 @pytest.fixture

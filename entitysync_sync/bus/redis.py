@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Iterable
+from typing import Any, Container, Iterable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..backoff import backoff
@@ -131,11 +131,7 @@ class RedisBus(BufferedBus):
         self.routing = routing
         self.unsubscribe_delay = float(unsubscribe_delay)
         self.health_check_interval = health_check_interval
-        try:
-            # Options in the URL's query take precedence over these (redis-py applies them last).
-            self._client = redis.Redis.from_url(url, socket_keepalive=True, **SOCKET_DEFAULTS)
-        except ValueError as exc:
-            raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: {exc}") from None
+        self._client = self._make_client(url)
         self._pending: set[str] = set()
         self._pending_lock = threading.Lock()
         self._read_failures = 0
@@ -147,10 +143,21 @@ class RedisBus(BufferedBus):
         self._leaving: OrderedDict[bytes, float] = OrderedDict()
         self._changed: set[bytes] = set()
 
+    def _make_client(self, url: str) -> Any:
+        """The redis-py client that publishes; :class:`ConfigError` if ``url`` is malformed."""
+        try:
+            # Options in the URL's query take precedence over these (redis-py applies them last).
+            return self._redis.Redis.from_url(url, socket_keepalive=True, **SOCKET_DEFAULTS)
+        except ValueError as exc:
+            raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: {exc}") from None
+
+    #: The routing of a bus whose URL names none.
+    default_routing = "entity"
+
     @classmethod
     def from_url(cls, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000) -> RedisBus:
         rest, options = split_options(url)
-        routing = options.get("routing", "entity")
+        routing = options.get("routing", cls.default_routing)
 
         def seconds(name: str, default: float) -> float:
             text = options.get(name)
@@ -212,8 +219,9 @@ class RedisBus(BufferedBus):
     def _route(self, key: EntityKey) -> str:
         return self.key_channel(key) if self.routing == "key" else self.topic(key.entity)
 
-    def _key_changes(self, subscribed: set[bytes]) -> tuple[list[bytes], list[bytes]]:
-        """The key channels to subscribe and to unsubscribe now, given those ``subscribed``."""
+    def _key_changes(self, subscribed: Container[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """The key channels to subscribe and to unsubscribe now, given those ``subscribed``
+        (looked up under the lock)."""
         now = time.monotonic()
         with self._pending_lock:
             while self._leaving:

@@ -19,6 +19,7 @@ SCHEMES: dict[str, str] = {
     "memory": "entitysync_sync.bus.memory:MemoryBus",
     "redis": "entitysync_sync.bus.redis:RedisBus",
     "rediss": "entitysync_sync.bus.redis:RedisBus",
+    "redis+cluster": "entitysync_sync.bus.redis_cluster:RedisClusterBus",
     "nsq": "entitysync_sync.bus.nsq:NsqBus",
     "postgresql": "entitysync_sync.bus.postgres:PostgresBus",
     "postgres": "entitysync_sync.bus.postgres:PostgresBus",
@@ -48,6 +49,7 @@ def bus_from_url(url: str, *, buffer_size: int = 10_000, topic_prefix: str = "")
     * ``memory://`` (this app only) and ``memory://NAME`` (shared by the apps
       of this process that use the same name);
     * ``redis://host:6379/0`` and ``rediss://...``, with the ``redis`` extra;
+    * ``redis+cluster://h1:7000,h2:7001/`` (a Redis Cluster, sharded pub/sub), likewise;
     * ``nsq://host:4150``, ``nsq://h1:4150,h2:4150`` and
       ``nsq://?lookupd=http://host:4161``, with the ``nsq`` extra;
     * ``postgresql://user@host:5432/db`` (or ``postgres://``), with the ``postgres`` extra.
