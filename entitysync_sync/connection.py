@@ -18,13 +18,13 @@ growing backlog.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from . import protocol as p
+from .concurrency import light_lock
 from .exceptions import ProtocolError
 from .failures import FetchFailures, failure_message
 from .frames import FLUSH, EncodedFrame, SharedFrames
@@ -116,7 +116,7 @@ class Connection:
         self._limits = limits
         self._secret = secret
         self._generation = 0
-        self._lock = threading.Lock()
+        self._lock = light_lock()
         self._subscriptions: set[EntityKey] = set()
         self._pending: dict[EntityKey, None] = {}
         #: Versions the client said it holds, each spared once by an equal result.
@@ -406,8 +406,16 @@ class Connection:
                     self._shared = {}
                 self._shared[shared.key] = shared
                 return
+            try_send = getattr(self._transport, "try_send_frame", None)
+            frames = shared.frames
             try:
-                rest = self._write_now(shared.frames)
+                if try_send is not None and len(frames) == 1:  # the common case, inline
+                    left = try_send(frames[0].wire)
+                    if left == 0:
+                        return  # written: the connection stays idle
+                    rest = list(frames) if left is None else [FLUSH]
+                else:
+                    rest = self._write_now(frames)
             except Exception as exc:
                 log.debug("write failed, closing: %r", exc)
                 failed = True

@@ -24,10 +24,10 @@ behaviour it relies on (``tests/test_transport_contract.py`` checks it).
 
 from __future__ import annotations
 
+import _socket
 import logging
 import select
 import socket
-import threading
 import time
 from typing import Any
 
@@ -38,7 +38,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
-from .concurrency import gevent_active
+from .concurrency import gevent_active, light_lock
 from .frames import EncodedFrame
 
 log = logging.getLogger("entitysync_sync")
@@ -125,7 +125,7 @@ class WebSocketTransport:
         self._tasks = tasks
         self._max_message = max_message_bytes or 0
         self._close_wait = close_wait
-        self._lock = threading.Lock()
+        self._lock = light_lock()
         #: Set while a blocking write holds the lock; a write that cannot wait checks it instead.
         self._busy = False
         #: Whether frames may still be written: no close frame sent, the peer's not read.
@@ -343,8 +343,10 @@ class WebSocketTransport:
         raw = self._raw
         if not (gevent_active() and type(raw).__module__.startswith("gevent") and not self._compressing()):
             return False
-        inner = getattr(raw, "_sock", None)  # gevent's socket wraps a non-blocking one
-        if isinstance(inner, socket.socket) and inner.gettimeout() == 0.0:
+        # gevent's socket wraps a non-blocking one of the standard library's;
+        # its own send is a Python method around that one's.
+        inner = getattr(raw, "_sock", None)
+        if isinstance(inner, _socket.socket) and inner.gettimeout() == 0.0:
             self._send_nowait = inner.send
         else:  # pragma: no cover - another gevent socket: its own send with a zero timeout
             self._send_nowait = lambda data: raw.send(data, 0, 0.0)
