@@ -44,6 +44,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "versions": versions,
+        # Other work on the machine skews every figure: compare servers of one run only.
+        "load_at_start": os.getloadavg()[0],
     }
 
 
@@ -221,9 +223,11 @@ def _storm(result: dict[str, Any]) -> str:
 
 def _cohorts(result: dict[str, Any]) -> str:
     rows = [[r["server"], _f(r.get("fetch_calls_per_notify"), ".1f"), _f(r.get("cpu_us_per_frame")),
-             _f(r.get("p50_ms")), _f(r.get("p99_ms"))] for r in result.get("cohorts", [])]
+             _f(r.get("p50_ms")), _f(r.get("p99_ms")), _f(r.get("wall_ms_median"))]
+            for r in result.get("cohorts", [])]
     return table("k. cohorts and batch fetch: 1,000 subscribers of one per-user key",
-                 ["server", "fetch calls / notify", "CPU us/push", "p50 ms", "p99 ms"], rows)
+                 ["server", "fetch calls / notify", "CPU us/push", "p50 ms", "p99 ms", "last push ms (median)"],
+                 rows)
 
 
 def report(result: dict[str, Any]) -> str:
@@ -232,7 +236,8 @@ def report(result: dict[str, Any]) -> str:
     head = "\n".join([
         f"machine: {info['nproc']} CPUs, {info['cpu']}, Linux {info['kernel']}; python {info['python']}",
         "versions: " + ", ".join(f"{k} {val}" for k, val in info["versions"].items()),
-        "servers: gunicorn -k gevent -w 1 each; load: one asyncio client process on the same machine",
+        "servers: gunicorn -k gevent -w 1 each; load: one asyncio client process on the same machine"
+        + (f"; 1-minute load average at the start: {info['load_at_start']:.1f}" if "load_at_start" in info else ""),
     ])
     tables = [t(result) for t in (_fanout, _memory, _latency, _throughput, _burst, _compression, _pg, _routing,
                                   _redis_cost, _storm, _cohorts)]

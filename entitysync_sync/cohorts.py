@@ -3,12 +3,12 @@
 When a key of a per-user entity is delivered, the hub hands it to
 :class:`Cohorts` instead of asking each subscriber to refresh on its own.
 The subscribers are grouped by their secret (a user with five tabs is one
-group); each group's key is fetched once, with that secret, its frames are
-encoded once, and every member gets them through its own writer, exactly
-like a shared fetch (:mod:`entitysync_sync.fanout`), so a slow member still
-delays only itself. A subscriber alone with its secret is asked to refresh
-on its own instead, as without cohorts: its connection's worker fetches,
-which costs less than a group of one.
+group, a user alone with its secret a group of one); each group's key is
+fetched once, with that secret, its frames are encoded once (and once for
+equal JSON texts of different groups), and every member gets them through
+its own writer, exactly like a shared fetch (:mod:`entitysync_sync.fanout`),
+so a slow member still delays only itself. The fetches of every changed key
+wait in one queue, worked through by lanes (see :class:`Cohorts`).
 
 A member is identified with the secret *and* the secret's generation it had
 when the group was formed: a member whose secret changed meanwhile is not
@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Hashable, Protocol
+import time
+from collections import deque
+from typing import Any, Hashable, Protocol
 
 from . import protocol as p
 from .concurrency import Tasks
@@ -41,15 +43,29 @@ from .keys import EntityKey
 
 log = logging.getLogger("entitysync_sync")
 
+#: Seconds a lane fetches before it hands the rest of the queue over to a new one.
+SLICE = 0.005
+
 
 class CohortHandlers(Protocol):
     """What cohorts need from the application (implemented by the extension)."""
 
-    def fetch(self, key: EntityKey, secret: Any) -> p.FetchResult:
-        """The row or rows of ``key`` for ``secret`` as JSON texts, or ``None``."""
-
     def is_batch(self, entity: str) -> bool:
         """Whether ``entity`` was registered with ``batch=True``."""
+
+    def run(self) -> FetchRun:
+        """Fetches made one after another by the caller (see :class:`~entitysync_sync.registry.FetchRun`)."""
+
+
+class FetchRun(Protocol):
+    """Fetches made one after another, closed at the end (a context manager)."""
+
+    def __enter__(self) -> FetchRun: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+    def fetch(self, key: EntityKey, secret: Any) -> p.FetchResult:
+        """The row or rows of ``key`` for ``secret`` as JSON texts, or ``None``."""
 
     def fetch_batch(self, key: EntityKey, secrets: list[Any]) -> list[p.FetchResult]:
         """One call of a batch fetch: one result per secret, in order."""
@@ -76,7 +92,22 @@ def _identity(secret: Any) -> Hashable | None:
 
 
 class Cohorts:
-    """Refreshes per-user keys with one fetch per distinct secret among their local subscribers."""
+    """Refreshes per-user keys with one fetch per distinct secret among their local subscribers.
+
+    A refresh of a key is a round: its subscribers are grouped, and each
+    group (or, for a batch entity, each chunk of groups) is a unit of work
+    in one queue shared by every key. Lanes take units from that queue and
+    fetch them one after another through one
+    :class:`~entitysync_sync.registry.FetchRun`, so a notification of a
+    thousand keys pays for a task, an application context and a fetch timer
+    once, not once per subscriber. Yet a slow fetch for one user holds up no
+    one: while units are queued, a spare lane is always queued too, and it
+    runs exactly when the running fetch waits (on a database socket, say);
+    it takes the next unit and queues a spare of its own, so fetches that
+    wait overlap as if each ran in its own task. A lane hands over to its
+    spare after :data:`SLICE` seconds, so other greenlets are not kept
+    waiting behind a long queue.
+    """
 
     def __init__(self, handlers: CohortHandlers, tasks: Tasks, envelope: bool = True,
                  batch_size: int = 500) -> None:
@@ -87,6 +118,12 @@ class Cohorts:
         self._lock = threading.Lock()
         #: Keys being refreshed → whether another notification arrived meanwhile.
         self._running: dict[EntityKey, bool] = {}
+        #: The rounds with units waiting for a lane, oldest first.
+        self._queue: deque[_Round] = deque()
+        #: Whether a lane has been started that is not running yet.
+        self._spare = False
+        #: Rounds started so far (refreshes of a changed key for its subscribers).
+        self._rounds = 0
         #: Only for logging: the first failure of a run is an error, later ones debug.
         self._failures = FetchFailures(0.0, tasks)
 
@@ -97,17 +134,31 @@ class Cohorts:
                 self._running[key] = True
                 return
             self._running[key] = False
-        self._rounds(key, hub)
+        self._start(key, hub)
 
-    def _rounds(self, key: EntityKey, hub: Hub) -> None:
-        """Group the subscribers; a fetch for the groups goes to a task, the rest is queued here."""
+    def _start(self, key: EntityKey, hub: Hub) -> None:
+        """Group the key's subscribers and queue their fetches; with none, end the refresh."""
         while True:
-            todo = self._group(key, hub)
-            if todo:
-                self._tasks.spawn(self._run, key, hub, todo)
+            units = self._group(key, hub)
+            if units:
+                round = _Round(self, key, hub, units)
+                with self._lock:
+                    self._queue.append(round)
+                    self._rounds += 1
+                    spawn = not self._spare
+                    self._spare = True
+                if spawn:
+                    self._tasks.spawn(self._lane)
                 return
             if self._done(key):
                 return
+
+    def stats(self) -> dict[str, int]:
+        """``cohort_rounds`` (refreshes of changed per-user keys, coalesced) and ``cohort_queue``
+        (fetches, of a group or of a batch chunk, waiting for a lane)."""
+        with self._lock:
+            waiting = sum(len(round.units) - round.taken for round in self._queue)
+            return {"cohort_rounds": self._rounds, "cohort_queue": waiting}
 
     def _done(self, key: EntityKey) -> bool:
         """End the key's refresh, unless a notification asked for another meanwhile."""
@@ -118,19 +169,52 @@ class Cohorts:
             self._running[key] = False
             return False
 
-    def _run(self, key: EntityKey, hub: Hub, todo: list[_Group]) -> None:
-        try:
-            self._fetch(key, todo)
-        except BaseException:
-            with self._lock:
-                self._running.pop(key, None)
-            raise
-        if not self._done(key):
-            self._rounds(key, hub)
+    def _end(self, round: _Round) -> None:
+        """Every unit of ``round`` was fetched: end its key's refresh, or start the next round."""
+        if not self._done(round.key):
+            self._start(round.key, round.hub)
 
-    def _group(self, key: EntityKey, hub: Hub) -> list[_Group]:
-        """The groups to fetch together. A subscriber alone with its secret refreshes on its
-        own instead (its connection's worker fetches), unless the entity fetches in batches."""
+    def _lane(self) -> None:
+        """Fetch queued units one after another, until none is left or the time slice is up."""
+        lock, queue, tasks = self._lock, self._queue, self._tasks
+        stop = time.monotonic() + SLICE
+        finished: _Round | None = None
+        with self._handlers.run() as run:
+            with lock:
+                self._spare = False
+            while True:
+                with lock:
+                    ended = finished is not None and finished.one_done()
+                    round = unit = None
+                    if queue and time.monotonic() < stop:
+                        round = queue[0]
+                        unit = round.take()
+                        if round.taken == len(round.units):
+                            queue.popleft()
+                    spawn = bool(queue) and not self._spare
+                    if spawn:
+                        self._spare = True
+                if spawn:
+                    tasks.spawn(self._lane)
+                if ended:
+                    self._end(finished)  # type: ignore[arg-type]  # ended implies a round
+                    finished = None
+                    if round is None:
+                        continue  # the end may have queued the key's next round
+                if round is None:
+                    return
+                finished = round
+                try:
+                    finished.fetch(run, unit)
+                except BaseException:  # the task is killed: the round must still end
+                    with lock:
+                        ended = finished.one_done()
+                        if ended:
+                            self._running.pop(finished.key, None)
+                    raise
+
+    def _group(self, key: EntityKey, hub: Hub) -> list[Any]:
+        """What to fetch: a group per distinct secret, in chunks of ``batch_size`` for a batch entity."""
         groups: dict[Hashable, _Group] = {}
         alone: list[_Group] = []
         for conn in hub.subscribers(key):
@@ -138,7 +222,8 @@ class Cohorts:
             if member is None:
                 continue  # closed meanwhile
             secret, generation = member
-            identity = _identity(secret)
+            # A str is its own identity (no other type's identity equals a str).
+            identity = secret if type(secret) is str else _identity(secret)
             group = groups.get(identity) if identity is not None else None
             if group is None:
                 group = _Group(secret)
@@ -148,70 +233,10 @@ class Cohorts:
                     groups[identity] = group
             group.members.append((conn, generation))
         todo = [*groups.values(), *alone]
-        if self._handlers.is_batch(key.entity):
-            return todo
-        together = []
-        for group in todo:
-            if len(group.members) > 1:
-                together.append(group)
-            else:
-                group.members[0][0].request_refresh(key)
-        return together
-
-    def _fetch(self, key: EntityKey, todo: list[_Group]) -> None:
-        if self._handlers.is_batch(key.entity):
+        if todo and self._handlers.is_batch(key.entity):
             size = self._batch_size
-            chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
-            self._side_by_side(lambda chunk: self._fetch_chunk(key, chunk), chunks)
-        else:
-            self._side_by_side(lambda group: self._fetch_group(key, group), todo)
-
-    def _side_by_side(self, fn: Callable[[Any], None], units: list[Any]) -> None:
-        """Run ``fn`` on every unit at once and wait for all of them, as each subscriber's
-        refresh ran on its own: a slow query for one user does not hold up the others."""
-        if len(units) == 1:
-            fn(units[0])
-            return
-        done = threading.Event()
-        left = [len(units)]
-        lock = threading.Lock()
-
-        def one(unit: Any) -> None:
-            try:
-                fn(unit)
-            finally:
-                with lock:
-                    left[0] -= 1
-                    if not left[0]:
-                        done.set()
-
-        for unit in units:
-            self._tasks.spawn(one, unit)
-        done.wait()
-
-    def _fetch_chunk(self, key: EntityKey, chunk: list[_Group]) -> None:
-        try:
-            results = self._handlers.fetch_batch(key, [group.secret for group in chunk])
-        except Exception as exc:
-            self._failed(key, exc, chunk)
-            return
-        self._failures.forget(key)
-        for group, result in zip(chunk, results, strict=True):
-            self._deliver(key, group, result)
-
-    def _fetch_group(self, key: EntityKey, group: _Group) -> None:
-        try:
-            result = self._handlers.fetch(key, group.secret)
-        except Exception as exc:
-            self._failed(key, exc, [group])
-            return
-        self._failures.forget(key)
-        self._deliver(key, group, result)
-
-    def _deliver(self, key: EntityKey, group: _Group, result: p.FetchResult) -> None:
-        shared = encode_shared(key, result, self._envelope)
-        for conn, generation in group.members:
-            conn.push_cohort(shared, generation)
+            return [todo[i : i + size] for i in range(0, len(todo), size)]
+        return todo
 
     def _failed(self, key: EntityKey, exc: Exception, groups: list[_Group]) -> None:
         """Logged once for the whole call; each member hears of it, counts it quietly and retries."""
@@ -221,12 +246,66 @@ class Cohorts:
                 conn.cohort_failed(key, exc, generation)
 
 
-def encode_shared(key: EntityKey, result: p.FetchResult, envelope: bool) -> SharedFrames:
-    """The frames of one fetch result, encoded once for every member of a cohort."""
-    version = p.result_version(result) if envelope else None
-    texts = p.encode_result(key, result, envelope, version)
-    frames = tuple(EncodedFrame.of(t) for t in texts)
-    return SharedFrames(key, frames, sum(map(len, texts)), None, version, personal=True)
+class _Round:
+    """One refresh of one key: its units, and the frames of each distinct result, built once."""
+
+    __slots__ = ("_cohorts", "_frames", "_keyframes", "hub", "key", "left", "taken", "units")
+
+    def __init__(self, cohorts: Cohorts, key: EntityKey, hub: Hub, units: list[Any]) -> None:
+        self._cohorts = cohorts
+        self.key = key
+        self.hub = hub
+        #: The groups (or chunks of groups) to fetch; how many a lane has taken, how many are unfinished.
+        #: Both counts change under the cohorts' lock.
+        self.units = units
+        self.taken = 0
+        self.left = len(units)
+        self._keyframes = p.KeyFrames(key, cohorts._envelope)
+        #: The frames of each distinct result of this round.
+        self._frames: dict[Any, SharedFrames] = {}
+
+    def take(self) -> Any:
+        """The next unit for a lane. Called under the cohorts' lock, while units are left."""
+        unit = self.units[self.taken]
+        self.taken += 1
+        return unit
+
+    def one_done(self) -> bool:
+        """Count a unit fetched; True for the last one. Called under the cohorts' lock."""
+        self.left -= 1
+        return not self.left
+
+    def fetch(self, run: FetchRun, unit: Any) -> None:
+        """Fetch a unit (a group, or a chunk of groups) and hand the frames to its members."""
+        key = self.key
+        if isinstance(unit, list):
+            try:
+                results = run.fetch_batch(key, [group.secret for group in unit])
+            except Exception as exc:
+                self._cohorts._failed(key, exc, unit)
+                return
+            for group, result in zip(unit, results, strict=True):
+                self._deliver(group, result)
+            return
+        try:
+            result = run.fetch(key, unit.secret)
+        except Exception as exc:
+            self._cohorts._failed(key, exc, [unit])
+            return
+        self._deliver(unit, result)
+
+    def _deliver(self, group: _Group, result: p.FetchResult) -> None:
+        self._cohorts._failures.forget(self.key)
+        # Equal JSON texts make equal frames, whoever they were fetched for: build them once.
+        cache_key = result if result is None or isinstance(result, str) else tuple(result)
+        shared = self._frames.get(cache_key)
+        if shared is None:
+            texts, version = self._keyframes.frames(result)
+            frames = tuple([EncodedFrame.of(text) for text in texts])
+            shared = SharedFrames(self.key, frames, sum(map(len, texts)), None, version, personal=True)
+            self._frames[cache_key] = shared
+        for conn, generation in group.members:
+            conn.push_cohort(shared, generation)
 
 
 def _no_retry(key: EntityKey) -> None:

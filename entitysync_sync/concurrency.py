@@ -23,13 +23,20 @@ log = logging.getLogger("entitysync_sync")
 T = TypeVar("T")
 
 
+_patched = False
+
+
 def gevent_active() -> bool:
     """True when gevent has patched ``threading`` in this process."""
+    global _patched
+    if _patched:
+        return True  # patching is never undone: asked on every spawn, answered at once
     try:
         from gevent import monkey
     except ImportError:  # pragma: no cover - gevent is a dependency
         return False
-    return bool(monkey.is_module_patched("threading"))
+    _patched = bool(monkey.is_module_patched("threading"))
+    return _patched
 
 
 class Lock(Protocol):
@@ -246,6 +253,92 @@ def call_with_timeout(seconds: float, timed_out: Callable[[], BaseException],
     if ok:
         return value  # type: ignore[no-any-return]
     raise value
+
+
+class _Expired(BaseException):
+    """Thrown into a call that outlived its :class:`Deadlines`; a ``BaseException``, like
+    ``gevent.Timeout``, so the app's own ``except Exception`` cannot swallow it."""
+
+    def __init__(self, owner: Deadlines) -> None:
+        super().__init__()
+        self.owner = owner
+
+
+class Deadlines:
+    """The same time limit for each of many calls made one after another by one greenlet.
+
+    :func:`call_with_timeout` arms a timer for every call; here one timer
+    watches them all. It fires ``seconds`` after it was armed; if the call
+    running then has run for ``seconds``, it is interrupted, else the timer
+    is armed again for what that call has left, and if no call is running
+    it is dropped until the next call. A run of quick calls thus costs one
+    timer, however many calls it makes. Threads, which cannot be
+    interrupted, fall back to :func:`call_with_timeout` for each call.
+    Call :meth:`close` when done.
+    """
+
+    __slots__ = ("_gevent", "_owner", "_seconds", "_started", "_timed_out", "_timer")
+
+    def __init__(self, seconds: float, timed_out: Callable[[], BaseException]) -> None:
+        self._seconds = seconds
+        self._timed_out = timed_out
+        self._gevent = bool(seconds) and gevent_active()
+        #: ``time.monotonic()`` when the current call began; 0.0 between calls.
+        self._started = 0.0
+        self._timer: Any = None
+        self._owner: Any = None
+
+    @property
+    def in_caller(self) -> bool:
+        """Whether :meth:`call` runs its calls in the caller's greenlet or thread (else each in a thread)."""
+        return self._gevent or not self._seconds
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, or raise ``timed_out()`` if it has not returned after ``seconds`` (0: no limit)."""
+        if not self._gevent:
+            if not self._seconds:
+                return fn(*args)
+            return call_with_timeout(self._seconds, self._timed_out, fn, *args)
+        if self._timer is None:
+            if self._owner is None:
+                from greenlet import getcurrent
+
+                self._owner = getcurrent()
+            self._arm(self._seconds)
+        self._started = time.monotonic()
+        try:
+            return fn(*args)
+        except _Expired as expired:
+            if expired.owner is not self:
+                raise
+            raise self._timed_out() from None
+        finally:
+            self._started = 0.0
+
+    def _arm(self, seconds: float) -> None:
+        import gevent
+
+        self._timer = gevent.get_hub().loop.timer(seconds)
+        self._timer.start(self._fire, update=True)
+
+    def _fire(self) -> None:
+        """In gevent's hub: the owner is switched out, inside a call if one has started."""
+        self._timer.close()
+        self._timer = None
+        started = self._started
+        if not started:
+            return  # between calls: the next one arms the timer again
+        left = started + self._seconds - time.monotonic()
+        if left > 0:
+            self._arm(left)
+        else:
+            self._owner.throw(_Expired(self))
+
+    def close(self) -> None:
+        """Stop the timer; the calls are over."""
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
 
 
 class WakeEvent(Protocol):

@@ -116,6 +116,8 @@ class Connection:
         self._limits = limits
         self._secret = secret
         self._generation = 0
+        #: The secret and its generation as one value, replaced whole: read without the lock.
+        self._member: tuple[Any, int] = (secret, 0)
         self._lock = light_lock()
         self._subscriptions: set[EntityKey] = set()
         self._pending: dict[EntityKey, None] = {}
@@ -239,6 +241,7 @@ class Connection:
         with self._lock:
             self._secret = secret
             self._generation += 1
+            self._member = (secret, self._generation)
             keys = list(self._subscriptions)
             # Frames waiting here that were fetched with the old secret go; their keys are fetched again.
             stale = [key for key, shared in (self._shared or {}).items() if shared.personal]
@@ -432,8 +435,7 @@ class Connection:
 
     def cohort_member(self) -> tuple[Any, int] | None:
         """The secret and its generation, for grouping with subscribers holding an equal one."""
-        with self._lock:
-            return None if self.closed else (self._secret, self._generation)
+        return None if self.closed else self._member
 
     def push_cohort(self, shared: SharedFrames, generation: int) -> None:
         """Send frames fetched with this connection's secret of ``generation``.

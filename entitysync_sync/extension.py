@@ -84,7 +84,9 @@ class EntitySync:
         the push's ``"rows"`` in that order, an empty set included; or
         ``None`` when the key does not exist, which sends ``gone``. Rows are
         encoded with ``app.json``; a ``str`` or ``bytes`` row is JSON already
-        and is sent as it is. It runs in a fresh application context for each call.
+        and is sent as it is. Each call sees a fresh ``g``, and the app's
+        ``teardown_appcontext`` functions run after it, as in a fresh
+        application context (the fetches of one notification share one).
 
         ``shared=True`` declares that the rows do not depend on the
         subscriber: ``fetch`` is then called with ``secret=None``, once per

@@ -62,6 +62,8 @@ class FetchFailures:
 
     def forget(self, key: EntityKey) -> None:
         """The key was fetched, or is no longer wanted: stop retrying it."""
+        if key not in self._counts:
+            return  # the common case, read without the lock: only a failure adds the key
         with self._lock:
             self._counts.pop(key, None)
 

@@ -9,7 +9,6 @@ compress. This is a codec: it knows nothing of sockets.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from .keys import EntityKey
 
@@ -55,16 +54,27 @@ class EncodedFrame:
 FLUSH = EncodedFrame("", b"")
 
 
-@dataclass(frozen=True)
 class SharedFrames:
-    """The frames of one shared fetch of ``key``, identical for every subscriber."""
+    """The frames of one shared fetch of ``key``, identical for every subscriber.
 
-    key: EntityKey
-    frames: tuple[EncodedFrame, ...]
-    size: int
-    #: Why the fetch failed, if it did; the frames then hold a fetch_failed error.
-    error: Exception | None = None
-    #: The result's version (see :func:`~entitysync_sync.protocol.result_version`), in envelope mode.
-    version: str | None = None
-    #: Fetched with one secret (a cohort's), not for everyone.
-    personal: bool = False
+    Read-only by convention: one object goes to many connections. A plain
+    class with slots rather than a frozen dataclass, as one is built for
+    every distinct result of a cohort's refresh.
+    """
+
+    __slots__ = ("error", "frames", "key", "personal", "size", "version")
+
+    def __init__(self, key: EntityKey, frames: tuple[EncodedFrame, ...], size: int,
+                 error: Exception | None = None, version: str | None = None, personal: bool = False) -> None:
+        self.key = key
+        self.frames = frames
+        self.size = size
+        #: Why the fetch failed, if it did; the frames then hold a fetch_failed error.
+        self.error = error
+        #: The result's version (see :func:`~entitysync_sync.protocol.result_version`), in envelope mode.
+        self.version = version
+        #: Fetched with one secret (a cohort's), not for everyone.
+        self.personal = personal
+
+    def __repr__(self) -> str:
+        return f"<SharedFrames {self.key} frames={len(self.frames)} size={self.size} version={self.version}>"

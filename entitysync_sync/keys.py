@@ -26,13 +26,23 @@ IdLike = str | int
 MAX_TOPIC_LENGTH = 64
 
 
+#: Entity names found valid so far, so that the keys of every notification and
+#: subscribe skip the pattern; bounded, as clients may send any name.
+_VALID_ENTITIES: set[str] = set()
+_VALID_ENTITIES_MAX = 4096
+
+
 def validate_entity(entity: object) -> str:
     """Return ``entity`` if it is a valid entity name, else raise :class:`InvalidKeyError`."""
+    if type(entity) is str and entity in _VALID_ENTITIES:
+        return entity
     if not isinstance(entity, str) or ENTITY_PATTERN.fullmatch(entity) is None:
         raise InvalidKeyError(
             f"invalid entity name {entity!r}: use 1 to 64 characters from "
             "A-Z, a-z, 0-9, '_', '.' and '-'"
         )
+    if type(entity) is str and len(_VALID_ENTITIES) < _VALID_ENTITIES_MAX:
+        _VALID_ENTITIES.add(entity)
     return entity
 
 

@@ -61,6 +61,18 @@ class Histogram:
         self.sum += seconds
         self.max = max(self.max, seconds)
 
+    def observe_many(self, values: Sequence[float]) -> None:
+        """:meth:`observe` each of ``values``."""
+        counts, total, top = self.counts, self.sum, self.max
+        for seconds in values:
+            if seconds < 0.0:
+                seconds = 0.0
+            counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+            total += seconds
+            if seconds > top:
+                top = seconds
+        self.sum, self.max = total, top
+
     def snapshot(self) -> dict[str, Any]:
         """``count``, ``sum``, ``max``, ``avg`` and cumulative ``buckets`` (upper bound → count)."""
         count = sum(self.counts)
@@ -90,25 +102,28 @@ class Metrics:
     def fetched(self, key: EntityKey, started: float, pushes: int | None) -> None:
         """Record a fetch of ``key`` that began at ``started`` (``time.monotonic()``)
         and made ``pushes`` push frames (one for a row or a set of rows), or ``None`` for gone."""
-        now = time.monotonic()
-        wall = time.time() if isinstance(key, NotifiedKey) else 0.0
-        with self._lock:
-            self._counters["fetches"] += 1
-            if pushes is None:
-                self._counters["gones"] += 1
-            else:
-                self._counters["pushes"] += pushes
-            self._fetch.observe(now - started)
-            if isinstance(key, NotifiedKey):
-                self._notify_to_push.observe(wall - key.notified_at)
+        tally = FetchTally()
+        tally.fetched(key, started, None if pushes is None else "")
+        if pushes is not None:
+            tally.pushes = pushes
+        tally.record(self)
 
     def fetch_failed(self, started: float) -> None:
         """Record a fetch that raised."""
-        now = time.monotonic()
+        tally = FetchTally()
+        tally.failed(started)
+        tally.record(self)
+
+    def record(self, tally: FetchTally) -> None:
+        """Add what ``tally`` counted, under one lock."""
         with self._lock:
-            self._counters["fetches"] += 1
-            self._counters["fetch_errors"] += 1
-            self._fetch.observe(now - started)
+            counters = self._counters
+            counters["fetches"] += len(tally.seconds)
+            counters["fetch_errors"] += tally.errors
+            counters["pushes"] += tally.pushes
+            counters["gones"] += tally.gones
+            self._fetch.observe_many(tally.seconds)
+            self._notify_to_push.observe_many(tally.late)
 
     def snapshot(self) -> dict[str, Any]:
         """Every counter, plus ``fetch_seconds`` and ``notify_to_push_seconds`` histograms."""
@@ -116,6 +131,67 @@ class Metrics:
             return {**self._counters,
                     "fetch_seconds": self._fetch.snapshot(),
                     "notify_to_push_seconds": self._notify_to_push.snapshot()}
+
+
+class FetchTally:
+    """Fetches counted without a lock, then recorded at once.
+
+    A refresh fetches a key for every distinct secret among its subscribers,
+    and many keys change at once: :meth:`Metrics.record` takes the metrics'
+    lock once for all the fetches of a run. Each fetch is still one sample of
+    ``fetch_seconds`` and, for a key a notification asked for, one of
+    ``notify_to_push_seconds``, measured when it returned.
+    """
+
+    __slots__ = ("errors", "gones", "late", "monotonic", "pushes", "seconds", "wall")
+
+    def __init__(self) -> None:
+        #: The duration of each fetch, failed ones included.
+        self.seconds: list[float] = []
+        #: For each successful fetch of a notified key, the seconds since its notification.
+        self.late: list[float] = []
+        self.errors = self.pushes = self.gones = 0
+        #: Both clocks read once, to turn every monotonic end time into wall-clock time.
+        self.wall = self.monotonic = 0.0
+
+    def fetched(self, key: EntityKey, started: float, result: object) -> None:
+        """A fetch of ``key`` that began at ``started`` (``time.monotonic()``) returned ``result`` (None: gone)."""
+        now = time.monotonic()
+        self.seconds.append(now - started)
+        if result is None:
+            self.gones += 1
+        else:
+            self.pushes += 1
+        if isinstance(key, NotifiedKey):
+            self._late(key, now)
+
+    def fetched_batch(self, key: EntityKey, started: float, results: Sequence[object]) -> None:
+        """A batch fetch of ``key`` that began at ``started`` returned ``results``: one fetch
+        call, one push or gone per result."""
+        now = time.monotonic()
+        self.seconds.append(now - started)
+        gones = sum(1 for result in results if result is None)
+        self.gones += gones
+        self.pushes += len(results) - gones
+        if isinstance(key, NotifiedKey):
+            self._late(key, now)
+
+    def _late(self, key: NotifiedKey, now: float) -> None:
+        if not self.wall:
+            self.wall, self.monotonic = time.time(), time.monotonic()
+        self.late.append(self.wall + (now - self.monotonic) - key.notified_at)
+
+    def failed(self, started: float) -> None:
+        """A fetch that began at ``started`` raised."""
+        self.seconds.append(time.monotonic() - started)
+        self.errors += 1
+
+    def record(self, metrics: Metrics) -> None:
+        """Add these fetches to ``metrics``, and start counting afresh."""
+        if self.seconds:
+            metrics.record(self)
+            self.seconds, self.late = [], []
+            self.errors = self.pushes = self.gones = 0
 
 
 class MeteredSink:

@@ -42,6 +42,10 @@ GAUGES = (
     ("subscriptions", "subscriptions", "(connection, key) subscriptions in this process."),
     ("keys", "subscribed_keys", "Distinct keys with at least one subscriber in this process."),
     ("bus_publish_buffer", "bus_publish_buffer", "Keys waiting to be published to the bus."),
+    ("shared_cache_keys", "shared_cache_keys", "Shared keys whose frames are cached."),
+    ("shared_cache_size", "shared_cache_size", "Characters of frame text held by the shared cache."),
+    ("cohort_queue", "cohort_queue", "Per-user fetches (of a group of subscribers or a batch chunk) waiting to run."),
+    ("draining", "draining", "1 while this worker closes its websockets to shut down, else 0."),
 )
 #: The counters, named as above; Prometheus adds ``_total``.
 COUNTERS = (
@@ -55,7 +59,11 @@ COUNTERS = (
     ("bus_reconnects", "bus_reconnects", "Reconnections of the bus's receiving side."),
     ("bus_dropped", "bus_dropped", "Keys dropped because the publish buffer was full."),
     ("bus_publish_failures", "bus_publish_failures", "Failed attempts to publish to the broker."),
+    ("shared_cache_hits", "shared_cache_hits", "Subscribes to a shared key answered from the cache, without a fetch."),
+    ("cohort_rounds", "cohort_rounds", "Refreshes of changed per-user keys for their subscribers (coalesced)."),
 )
+#: The bus's own figures (``stats()["bus"]``, and ``["pg_listen"]``) that are gauges; the rest are counters.
+BUS_GAUGES = frozenset({"buffered", "key_channels"})
 HISTOGRAMS = (
     ("fetch_seconds", "fetch_seconds", "Duration of fetch calls."),
     ("notify_to_push_seconds", "notify_to_push_seconds",
@@ -85,6 +93,7 @@ class EntitySyncCollector:
             for app, figures in stats.items():
                 counter.add_metric([app], figures[key])
             yield counter
+        yield from _bus_families(stats)
         for key, name, doc in HISTOGRAMS:
             histogram = HistogramMetricFamily(f"entitysync_{name}", doc, labels=["app"])
             for app, figures in stats.items():
@@ -92,6 +101,24 @@ class EntitySyncCollector:
                 buckets = [(_bound(b), snapshot["buckets"][_label(b)]) for b in (*BUCKETS, math.inf)]
                 histogram.add_metric([app], buckets, snapshot["sum"])
             yield histogram
+
+
+def _bus_families(stats: dict[str, dict[str, Any]]) -> Iterator[Any]:
+    """Every figure of each app's bus, and of its PostgreSQL listener, labelled ``bus`` (where
+    it comes from: ``bus`` or ``pg_listen``) and ``name`` (its key in that dict); they differ
+    from one bus to another, see :doc:`/observability`."""
+    counter = CounterMetricFamily("entitysync_bus_counter", "The bus's own counters, by name.",
+                                  labels=["app", "bus", "name"])
+    gauge = GaugeMetricFamily("entitysync_bus_gauge", "The bus's own gauges, by name.",
+                              labels=["app", "bus", "name"])
+    for app, figures in stats.items():
+        for source in ("bus", "pg_listen"):
+            for name, value in sorted(figures.get(source, {}).items()):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    family = gauge if name in BUS_GAUGES else counter
+                    family.add_metric([app, source, name], value)
+    yield counter
+    yield gauge
 
 
 def _label(bound: float) -> str:

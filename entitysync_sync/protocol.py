@@ -24,11 +24,11 @@ one of the error codes below.
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import binascii
 import json
 import math
 from dataclasses import dataclass
+from hashlib import blake2b
 from typing import Any
 
 from .exceptions import InvalidKeyError, ProtocolError
@@ -202,7 +202,11 @@ def result_version(result: FetchResult) -> str:
         data = b"b" + result.encode()
     else:
         data = b"r" + ",".join(result).encode()
-    return base64.urlsafe_b64encode(hashlib.blake2b(data, digest_size=12).digest()).decode()
+    # urlsafe_b64encode without its Python wrappers: 12 bytes make 16 characters, no padding.
+    return binascii.b2a_base64(blake2b(data, digest_size=12).digest(), newline=False).translate(_URLSAFE).decode()
+
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def _version_field(version: str | None) -> str:
@@ -249,6 +253,36 @@ def encode_result(
     if isinstance(result, str):
         return [encode_push(key, result, version)]
     return [encode_push_rows(key, result, version)]
+
+
+class KeyFrames:
+    """:func:`encode_result` for many results of one key: the key's JSON text is encoded once.
+
+    ``frames(result)`` returns what ``encode_result(key, result, envelope)``
+    does, with the result's version in envelope mode, and that version
+    (None in raw mode).
+    """
+
+    __slots__ = ("_envelope", "_gone", "_push")
+
+    def __init__(self, key: EntityKey, envelope: bool = True) -> None:
+        self._envelope = envelope
+        encoded = encode_key(key)
+        self._push = f'{{"action":"push","key":{encoded},"v":"'
+        self._gone = f'{{"action":"gone","key":{encoded},"v":"'
+
+    def frames(self, result: FetchResult) -> tuple[list[str], str | None]:
+        """The frames that carry ``result`` to a subscriber, and its version."""
+        if not self._envelope:
+            if result is None:
+                return [], None
+            return ([result] if isinstance(result, str) else list(result)), None
+        version = result_version(result)
+        if result is None:
+            return [f'{self._gone}{version}"}}'], version
+        if isinstance(result, str):
+            return [f'{self._push}{version}","body":{result}}}'], version
+        return [f'{self._push}{version}","rows":[{",".join(result)}]}}'], version
 
 
 def encode_fetch_failed(key: EntityKey, message: str, envelope: bool = True) -> list[str]:

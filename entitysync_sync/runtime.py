@@ -162,7 +162,8 @@ class Runtime:
 
     def stats(self) -> dict[str, Any]:
         """The figures of :meth:`EntitySync.stats() <entitysync_sync.EntitySync.stats>`."""
-        return {**collect(self.hub, self.bus, self.metrics, self.pg_listener), **self.fanout.stats()}
+        return {**collect(self.hub, self.bus, self.metrics, self.pg_listener), **self.fanout.stats(),
+                **self.cohorts.stats(), "draining": int(self.draining)}
 
     # -- housekeeping ----------------------------------------------------------
 

@@ -176,6 +176,14 @@ def create_app() -> Flask:
             time.sleep(3600)  # a database that never answers
         return {"id": key.id, "value": "ok"}
 
+    @es.entity("hangfor")
+    def hangfor(key: EntityKey, secret: Any) -> Any:
+        """A query that never answers for users whose secret starts with "hang", and only for them."""
+        count(key)
+        if str(secret).startswith("hang"):
+            time.sleep(3600)
+        return {"id": key.id, "secret": secret, "value": value(key)}
+
     @es.entity("where")
     def where(key: EntityKey, secret: Any) -> Any:
         return {"id": key.id, "pid": os.getpid(), "value": value(key)}

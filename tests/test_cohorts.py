@@ -71,3 +71,47 @@ def test_a_failed_cohort_fetch_tells_every_member_logs_once_and_recovers(
             assert client.expect_push("boom", uid) == {"id": uid, "value": "ok"}
     finally:
         server.stop()
+
+
+def test_a_fetch_that_hangs_for_some_users_times_out_for_them_alone_and_holds_up_no_one(
+    servers: ServerPool, clients: Any, kind: str, uid: str
+) -> None:
+    """The fetches of one refresh run one after another until one waits; the others then go on."""
+    server = servers.get(kind, ENTITYSYNC_PUSH_ON_SUBSCRIBE=False, ENTITYSYNC_FETCH_TIMEOUT=3)
+    tokens = ["hang-1", "ann", "hang-2", "bob", "hang-3", "cy"]
+    subs = {token: clients(server.ws_url, token=token) for token in tokens}
+    for client in subs.values():
+        client.subscribe("hangfor", uid, ref="s")
+        client.expect(lambda f: f.get("ref") == "s")
+    server.set("hangfor", uid, 1)
+    for token in ("ann", "bob", "cy"):
+        assert subs[token].expect_push("hangfor", uid) == {"id": uid, "secret": token, "value": 1}
+    for token in ("hang-1", "hang-2", "hang-3"):
+        subs[token].assert_silent(within=0.05)  # still fetching: not timed out before the others got theirs
+    for token in ("hang-1", "hang-2", "hang-3"):
+        error = subs[token].expect(lambda f: f.get("action") == "error")
+        assert error["error"] == {"code": "fetch_failed", "message": f"fetching hangfor/{uid} timed out"}
+    assert f"fetch of hangfor/{uid} timed out after 3s" in server.log()
+
+
+def test_every_key_of_a_large_refresh_reaches_every_subscriber_with_its_own_rows(
+    servers: ServerPool, clients: Any, kind: str, uid: str
+) -> None:
+    """Hundreds of keys changed at once: their fetches outlast a lane's time slice, and the
+    lanes that take over leave none out."""
+    server = servers.get(kind, ENTITYSYNC_PUSH_ON_SUBSCRIBE=False)
+    ids = [f"{uid}-{n}" for n in range(150)]
+    tokens = ["ann", "bob", "ann"]
+    subs = [clients(server.ws_url, token=token) for token in tokens]
+    for client in subs:
+        for id in ids:
+            client.subscribe("whoami", id)
+        client.send({"action": "ping", "ref": "subscribed"})  # answered after every subscribe before it
+        client.expect(lambda f: f.get("ref") == "subscribed")
+    server.post("/_t/notify-entity/whoami")
+    for client, token in zip(subs, tokens, strict=True):
+        got = {}
+        while len(got) < len(ids):
+            frame = client.expect(lambda f: f.get("action") == "push")
+            got[frame["key"]["id"]] = frame["body"]
+        assert got == {id: {"id": id, "secret": token, "value": None} for id in ids}

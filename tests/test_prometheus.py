@@ -11,8 +11,9 @@ from flask import Flask
 from prometheus_client import CollectorRegistry, generate_latest
 
 from entitysync_sync import EntityKey, EntitySync
-from entitysync_sync.prometheus import register
+from entitysync_sync.prometheus import COUNTERS, GAUGES, HISTOGRAMS, register
 from entitysync_sync.testing import LiveServer
+from tests.support.waiting import wait_for
 
 
 def test_a_scrape_shows_the_same_figures_as_stats() -> None:
@@ -51,6 +52,70 @@ def test_a_scrape_shows_the_same_figures_as_stats() -> None:
         assert "# TYPE entitysync_fetch_errors_total counter" in text
         assert 'entitysync_fetch_seconds_bucket{app="shop",le="0.005"}' in text
     es.close()
+
+
+def test_the_shared_cache_cohorts_drain_and_bus_figures_are_exported_too() -> None:
+    app = Flask("cache")
+    es = EntitySync(app)
+
+    @es.entity("shared", shared=True)
+    def shared(key: EntityKey, secret: Any) -> Any:
+        return {"id": key.id}
+
+    @es.entity("mine")
+    def mine(key: EntityKey, secret: Any) -> Any:
+        return {"id": key.id, "for": secret}
+
+    registry = CollectorRegistry()
+    register(es, registry)
+    value = registry.get_sample_value
+    with LiveServer(app) as live:
+        first, second = live.client(), live.client()
+        for client in (first, second):
+            client.subscribe("shared", 1)
+            client.expect_push("shared", 1)
+        first.subscribe("mine", 1)
+        first.expect_push("mine", 1)
+        es.notify("mine", 1)
+        first.expect_push("mine", 1)
+        stats = wait_for(lambda: (s := es.stats())["bus"]["received"] == 1 and s, message="the notification")
+        assert stats["shared_cache_keys"] == 1 and stats["shared_cache_hits"] == 1 and stats["cohort_rounds"] == 1
+        app_ = {"app": "cache"}
+        assert value("entitysync_shared_cache_keys", app_) == 1
+        assert value("entitysync_shared_cache_size", app_) == stats["shared_cache_size"] > 0
+        assert value("entitysync_shared_cache_hits_total", app_) == 1
+        assert value("entitysync_cohort_rounds_total", app_) == 1
+        assert value("entitysync_cohort_queue", app_) == 0
+        assert value("entitysync_draining", app_) == 0
+        assert value("entitysync_bus_counter_total", {**app_, "bus": "bus", "name": "received"}) == 1
+        assert value("entitysync_bus_counter_total", {**app_, "bus": "bus", "name": "published"}) == 1
+        assert value("entitysync_bus_gauge", {**app_, "bus": "bus", "name": "buffered"}) == 0
+        es.runtime(app).drain()
+        assert value("entitysync_draining", app_) == 1
+    es.close()
+
+
+def test_every_figure_of_stats_has_a_metric() -> None:
+    """A figure added to es.stats() must be exported too (nested dicts: by the bus families)."""
+    app = Flask("every")
+    es = EntitySync(app)
+
+    @es.entity("items")
+    def items(key: EntityKey, secret: Any) -> Any:
+        return None
+
+    registry = CollectorRegistry()
+    register(es, registry)
+    with LiveServer(app) as live:
+        live.client().subscribe("items", 1)
+        stats = es.stats()
+        names = {metric.name for metric in registry.collect()}
+    es.close()
+    figures = {key for key, figure in stats.items() if not isinstance(figure, dict) or "buckets" in figure}
+    assert {f"entitysync_{name}" for _, name, _ in (*GAUGES, *COUNTERS, *HISTOGRAMS)} <= names
+    exported = {key for key, _, _ in (*GAUGES, *COUNTERS, *HISTOGRAMS)}
+    assert figures - exported == set()
+    assert {"entitysync_bus_counter", "entitysync_bus_gauge"} <= names
 
 
 def test_without_prometheus_client_the_error_says_what_to_install() -> None:

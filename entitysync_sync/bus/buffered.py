@@ -60,7 +60,7 @@ class BufferedBus(Bus):
     in_process: ClassVar[bool] = False
 
     def __init__(self, *, topic_prefix: str = "", buffer_size: int = 10_000,
-                 retry_min: float = 0.05, retry_max: float = 5.0) -> None:
+                 retry_min: float = 0.05, retry_max: float = 2.0) -> None:
         self.topic_prefix = check_topic_prefix(topic_prefix)
         self.retry_min = retry_min
         self.retry_max = retry_max

@@ -18,14 +18,16 @@ URL forms::
 
 Options in the query: ``max_in_flight`` (per topic, default 2500, nsqd's
 default ``--max-rdy-count``), ``max_backoff`` (seconds between reconnects,
-default 5), ``lookupd_poll_interval`` (seconds, default 15),
+default 2), ``lookupd_poll_interval`` (seconds, default 15),
 ``lookupd_retry_interval`` (seconds between lookupd queries while a topic's
 consumer has found no nsqd yet, default 1), ``channel`` (the channel name
 before ``#ephemeral``; default a unique id of this process), ``ready_timeout``
 and ``stall_timeout`` (seconds, default 10 each; see :meth:`NsqBus._supervise`),
 ``output_buffer_size`` (bytes nsqd may buffer for this server's consumers;
-default -1, none) and ``output_buffer_timeout`` (milliseconds nsqd may hold
-them when buffering; default 25). Both go to nsqd in IDENTIFY; a value nsqd
+default -1, none), ``output_buffer_timeout`` (milliseconds nsqd may hold
+them when buffering; default 25) and ``heartbeat_interval`` (whole seconds
+between nsqd's heartbeats, default 1, nsqd's least; a connection that misses
+two is replaced). Both go to nsqd in IDENTIFY; a value nsqd
 refuses fails each connection, with nsqd's reason in the log.
 
 gnsq is gevent-only: in a process that is not monkey-patched (the threaded
@@ -57,9 +59,13 @@ _EPHEMERAL = "#ephemeral"
 #: Bodies per MPUB; well under nsqd's default --max-body-size of 5 MB.
 MPUB_BATCH = 1000
 #: Seconds to wait for nsqd to acknowledge a PUB or MPUB.
-PUBLISH_TIMEOUT = 5.0
-#: Seconds between nsqd's heartbeats on our connections (nsqd's default is 30).
-HEARTBEAT = 5
+PUBLISH_TIMEOUT = 3.0
+#: Default seconds between nsqd's heartbeats on our connections (nsqd's default is 30, its
+#: least 1). A connection that misses two (a read waits ``2 * interval + 1`` seconds) is
+#: replaced, so a partition is noticed within 3 s and healing finds fresh connections.
+HEARTBEAT = 1
+#: Default longest pause, in seconds, between two reconnection or publishing attempts.
+MAX_BACKOFF = 2.0
 #: Default seconds a subscribed connection may stay at RDY 0 before the supervisor repairs it.
 READY_TIMEOUT = 10.0
 #: Default seconds a consumer may receive nothing while its own published messages wait for it.
@@ -133,7 +139,7 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
         nsqd.append(f"{host}:{int(port)}")
     query = parse_qs(parts.query)
     known = {"lookupd", "max_in_flight", "max_backoff", "lookupd_poll_interval", "lookupd_retry_interval", "channel",
-             "ready_timeout", "stall_timeout", "output_buffer_timeout", "output_buffer_size"}
+             "ready_timeout", "stall_timeout", "output_buffer_timeout", "output_buffer_size", "heartbeat_interval"}
     unknown = sorted(set(query) - known)
     if unknown:
         raise ConfigError(f"ENTITYSYNC_BUS_URL: unknown nsq:// option(s) {', '.join(unknown)}; "
@@ -149,7 +155,7 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
         "nsqd": nsqd,
         "lookupd": lookupd,
         "max_in_flight": _number(query, "max_in_flight", 2500, int),
-        "max_backoff": _number(query, "max_backoff", 5.0),
+        "max_backoff": _number(query, "max_backoff", MAX_BACKOFF),
         "lookupd_poll_interval": _number(query, "lookupd_poll_interval", 15.0),
         "lookupd_retry_interval": _number(query, "lookupd_retry_interval", LOOKUPD_RETRY_INTERVAL),
         "ready_timeout": _number(query, "ready_timeout", READY_TIMEOUT),
@@ -157,6 +163,7 @@ def parse_nsq_url(url: str) -> dict[str, Any]:
         "channel": query.get("channel", [None])[-1],
         "output_buffer_timeout": _buffer_setting(query, "output_buffer_timeout", OUTPUT_BUFFER_TIMEOUT),
         "output_buffer_size": _buffer_setting(query, "output_buffer_size", OUTPUT_BUFFER_SIZE),
+        "heartbeat_interval": _number(query, "heartbeat_interval", HEARTBEAT, int),
     }
 
 
@@ -179,6 +186,8 @@ class NsqBus(BufferedBus):
         (nsqd then sends it nothing) before the supervisor repairs it.
     :param stall_timeout: seconds a consumer may receive nothing after this
         server published to its topic before the supervisor repairs it.
+    :param heartbeat_interval: whole seconds between nsqd's heartbeats (1 to 300;
+        nsqd accepts no less than 1); a connection that misses two is replaced.
     """
 
     kind = "nsq"
@@ -186,12 +195,12 @@ class NsqBus(BufferedBus):
 
     def __init__(self, nsqd: Iterable[str] = (), lookupd: Iterable[str] = (), *,
                  topic_prefix: str = "", buffer_size: int = 10_000, max_in_flight: int = 2500,
-                 max_backoff: float = 5.0, lookupd_poll_interval: float = 15.0,
+                 max_backoff: float = MAX_BACKOFF, lookupd_poll_interval: float = 15.0,
                  lookupd_retry_interval: float = LOOKUPD_RETRY_INTERVAL,
                  channel: str | None = None, supervise_interval: float = 1.0,
                  ready_timeout: float = READY_TIMEOUT, stall_timeout: float = STALL_TIMEOUT,
                  output_buffer_timeout: int = OUTPUT_BUFFER_TIMEOUT,
-                 output_buffer_size: int = OUTPUT_BUFFER_SIZE) -> None:
+                 output_buffer_size: int = OUTPUT_BUFFER_SIZE, heartbeat_interval: int = HEARTBEAT) -> None:
         super().__init__(topic_prefix=topic_prefix, buffer_size=buffer_size, retry_max=max_backoff)
         self._gnsq = _import_gnsq()
         self.nsqd = list(nsqd)
@@ -206,6 +215,11 @@ class NsqBus(BufferedBus):
         for name, value in (("ready_timeout", ready_timeout), ("stall_timeout", stall_timeout)):
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"NSQ bus {name} must be a positive number of seconds, got {value!r}")
+        if (not isinstance(heartbeat_interval, int) or isinstance(heartbeat_interval, bool)
+                or not 1 <= heartbeat_interval <= 300):
+            raise ConfigError("NSQ bus heartbeat_interval must be a whole number of seconds from 1 "
+                              f"(nsqd's least) to 300, got {heartbeat_interval!r}")
+        self.heartbeat_interval = heartbeat_interval
         self.ready_timeout = float(ready_timeout)
         self.stall_timeout = float(stall_timeout)
         for name, value in (("output_buffer_timeout", output_buffer_timeout),
@@ -343,9 +357,11 @@ class NsqBus(BufferedBus):
             _close_quietly(self._producer)
 
     def _connection_options(self) -> dict[str, Any]:
-        # gnsq notices a silent nsqd only when a read times out: ask for
-        # heartbeats every HEARTBEAT seconds and give up after two missed ones.
-        return {"heartbeat_interval": HEARTBEAT, "timeout": 2 * HEARTBEAT + 1}
+        # gnsq notices a silent nsqd only when a read times out (or a connect or a
+        # write does): ask for heartbeats every heartbeat_interval seconds and give up
+        # after two missed ones.
+        interval = self.heartbeat_interval
+        return {"heartbeat_interval": interval, "timeout": 2 * interval + 1}
 
     # -- publishing ------------------------------------------------------------
 

@@ -40,6 +40,16 @@ ROUTINGS = ("entity", "key")
 BATCH = 1000
 #: Seconds between two rounds of key channel (un)subscriptions, each one batch per command.
 KEY_BATCH_INTERVAL = 0.1
+#: Default seconds between the reader's PINGs; a connection that answers none for
+#: ``2 * interval + 1`` seconds is replaced (3 s by default).
+HEALTH_CHECK_INTERVAL = 1.0
+#: Default longest pause, in seconds, between two reconnection or publishing attempts.
+MAX_BACKOFF = 2.0
+#: redis-py options the bus sets unless the URL's query sets them: seconds to connect, and
+#: seconds a command (a publish) may wait for Redis's answer before its connection is
+#: dropped, so that a broker gone silent (no FIN, no RST) never holds the publisher up
+#: for longer than that.
+SOCKET_DEFAULTS = {"socket_connect_timeout": 2.0, "socket_timeout": 3.0}
 
 
 def _import_redis() -> Any:
@@ -76,7 +86,7 @@ def split_options(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(query=urlencode(theirs))), ours
 
 
-_OPTIONS = ("routing", "unsubscribe_delay")
+_OPTIONS = ("routing", "unsubscribe_delay", "health_check_interval", "max_backoff")
 
 
 class RedisBus(BufferedBus):
@@ -86,7 +96,10 @@ class RedisBus(BufferedBus):
         ``rediss://`` for TLS; query options such as ``socket_timeout`` are
         passed to redis-py.
     :param health_check_interval: seconds between the reader's PINGs; a
-        connection that answers none for two intervals is replaced.
+        connection that answers none for two intervals (and a second) is
+        replaced; ``?health_check_interval=`` in the URL.
+    :param retry_max: the longest pause, in seconds, between two reconnection
+        or publishing attempts; ``?max_backoff=`` in the URL.
     :param routing: ``"entity"`` (every server receives every key of its
         entities) or ``"key"`` (a server receives only the keys its clients
         hold); ``?routing=`` in the URL.
@@ -99,7 +112,7 @@ class RedisBus(BufferedBus):
     kind = "redis"
 
     def __init__(self, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000,
-                 health_check_interval: float = 5.0, retry_max: float = 5.0,
+                 health_check_interval: float = HEALTH_CHECK_INTERVAL, retry_max: float = MAX_BACKOFF,
                  routing: str = "entity", unsubscribe_delay: float = 5.0) -> None:
         super().__init__(topic_prefix=topic_prefix, buffer_size=buffer_size, retry_max=retry_max)
         if routing not in ROUTINGS:
@@ -108,6 +121,10 @@ class RedisBus(BufferedBus):
         if not isinstance(unsubscribe_delay, (int, float)) or not 0 <= unsubscribe_delay <= 3600:
             raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: unsubscribe_delay must be "
                               "0 to 3600 seconds")
+        for name, value in (("health_check_interval", health_check_interval), ("max_backoff", retry_max)):
+            if not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: {name} must be more than 0 and "
+                                  "at most 3600 seconds")
         redis = _import_redis()
         self._redis = redis
         self._url = url
@@ -115,7 +132,8 @@ class RedisBus(BufferedBus):
         self.unsubscribe_delay = float(unsubscribe_delay)
         self.health_check_interval = health_check_interval
         try:
-            self._client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True)
+            # Options in the URL's query take precedence over these (redis-py applies them last).
+            self._client = redis.Redis.from_url(url, socket_keepalive=True, **SOCKET_DEFAULTS)
         except ValueError as exc:
             raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: {exc}") from None
         self._pending: set[str] = set()
@@ -133,14 +151,21 @@ class RedisBus(BufferedBus):
     def from_url(cls, url: str, *, topic_prefix: str = "", buffer_size: int = 10_000) -> RedisBus:
         rest, options = split_options(url)
         routing = options.get("routing", "entity")
-        delay_text = options.get("unsubscribe_delay", "5")
-        try:
-            delay = float(delay_text)
-        except ValueError:
-            raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: unsubscribe_delay must be a "
-                              f"number of seconds, got {delay_text[:32]!r}") from None
+
+        def seconds(name: str, default: float) -> float:
+            text = options.get(name)
+            if text is None:
+                return default
+            try:
+                return float(text)
+            except ValueError:
+                raise ConfigError(f"ENTITYSYNC_BUS_URL {redact(url)}: {name} must be a "
+                                  f"number of seconds, got {text[:32]!r}") from None
+
         return cls(rest, topic_prefix=topic_prefix, buffer_size=buffer_size, routing=routing,
-                   unsubscribe_delay=delay)
+                   unsubscribe_delay=seconds("unsubscribe_delay", 5.0),
+                   health_check_interval=seconds("health_check_interval", HEALTH_CHECK_INTERVAL),
+                   retry_max=seconds("max_backoff", MAX_BACKOFF))
 
     @classmethod
     def probe(cls, url: str, topics: list[str], timeout: float) -> dict[str, Any]:

@@ -62,8 +62,14 @@ class NsqdHTTPError(Exception):
 class Nsqd:
     """One nsqd process (real or double) with a private data directory and log file."""
 
-    def __init__(self, extra_args: Iterable[str] = (), binary: str | None = None) -> None:
+    def __init__(self, extra_args: Iterable[str] = (), binary: str | None = None, host: str = HOST,
+                 wrap: Iterable[str] = (), reach: str | None = None) -> None:
+        """``host`` is the address to listen on, ``reach`` the one to reach it at (default ``host``),
+        and ``wrap`` prefixes the command (``ip netns exec NS``)."""
         self.binary = binary if binary is not None else nsqd_binary()
+        self.host = host
+        self.reach = reach or host
+        self.wrap = list(wrap)
         self.is_real = self.binary is not None
         self.extra_args = list(extra_args)
         self.data_path = tempfile.mkdtemp(prefix="nsqd-data-")
@@ -76,11 +82,11 @@ class Nsqd:
 
     @property
     def tcp_address(self) -> str:
-        return f"{HOST}:{self.tcp_port}"
+        return f"{self.reach}:{self.tcp_port}"
 
     @property
     def http_address(self) -> str:
-        return f"{HOST}:{self.http_port}"
+        return f"{self.reach}:{self.http_port}"
 
     def describe(self) -> str:
         if self.is_real:
@@ -90,12 +96,12 @@ class Nsqd:
     # Process control.
 
     def command(self) -> list[str]:
-        flags = [f"--tcp-address={HOST}:{self.tcp_port}", f"--http-address={HOST}:{self.http_port}",
-                 f"--data-path={self.data_path}", f"--broadcast-address={HOST}", *self.extra_args]
+        flags = [f"--tcp-address={self.host}:{self.tcp_port}", f"--http-address={self.host}:{self.http_port}",
+                 f"--data-path={self.data_path}", f"--broadcast-address={self.host}", *self.extra_args]
         if self.is_real:
             assert self.binary is not None
-            return [self.binary, *flags]
-        return [sys.executable, "-m", "tests.support.nsqd_double", *flags]
+            return [*self.wrap, self.binary, *flags]
+        return [*self.wrap, sys.executable, "-m", "tests.support.nsqd_double", *flags]
 
     @property
     def running(self) -> bool:

@@ -37,7 +37,9 @@ class Server:
 
     def __init__(self, kind: str, config: dict[str, Any], app: str = "tests.server_app:create_app()",
                  ready_path: str = "/_t/stats", extra_args: tuple[str, ...] = (),
-                 extra_env: dict[str, str] | None = None, port: int = 0):
+                 extra_env: dict[str, str] | None = None, port: int = 0, host: str = "127.0.0.1",
+                 wrap: tuple[str, ...] = ()):
+        """``host`` is the address to listen on; ``wrap`` prefixes the command (``ip netns exec NS``)."""
         self.kind = kind
         self.ready_path = ready_path
         self.config = config
@@ -50,16 +52,16 @@ class Server:
         env.update(extra_env or {})
         if kind == "gunicorn":
             cmd = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1",
-                   "-b", f"127.0.0.1:{port}", "--graceful-timeout", "2", *_gunicorn_flags(), *extra_args, app]
-            pattern = r"Listening at: http://127\.0\.0\.1:(\d+)"
+                   "-b", f"{host}:{port}", "--graceful-timeout", "2", *_gunicorn_flags(), *extra_args, app]
+            pattern = rf"Listening at: http://{re.escape(host)}:(\d+)"
         elif kind == "flask":
             cmd = [sys.executable, "-m", "flask", "--app", app.removesuffix("()"), "run",
-                   "--host", "127.0.0.1", "--port", str(port), "--with-threads", "--no-reload"]
-            pattern = r"Running on http://127\.0\.0\.1:(\d+)"
+                   "--host", host, "--port", str(port), "--with-threads", "--no-reload"]
+            pattern = rf"Running on http://{re.escape(host)}:(\d+)"
         else:  # pragma: no cover
             raise ValueError(kind)
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log,
+        self.proc = subprocess.Popen([*wrap, *cmd], cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
         def port() -> int | None:
@@ -69,8 +71,8 @@ class Server:
             return int(found.group(1)) if found else None
 
         self.port = wait_for(port, timeout=30, message=f"{kind} server to listen")
-        self.http = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}{WS_PATH}"
+        self.http = f"http://{host}:{self.port}"
+        self.ws_url = f"ws://{host}:{self.port}{WS_PATH}"
         wait_for(self._ready, timeout=30, message=f"{kind} server to answer")
 
     def _ready(self) -> bool:
@@ -126,5 +128,9 @@ class ServerPool:
         return server
 
     def close(self) -> None:
+        """Stop every server: all are told at once, as each may take its graceful timeout."""
+        for server in self.servers.values():
+            if server.proc.poll() is None:
+                server.proc.terminate()
         for server in self.servers.values():
             server.stop()
