@@ -18,13 +18,13 @@ growing backlog.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from . import protocol as p
+from .concurrency import light_lock
 from .exceptions import ProtocolError
 from .failures import FetchFailures, failure_message
 from .frames import FLUSH, EncodedFrame, SharedFrames
@@ -99,6 +99,8 @@ class Connection:
 
     #: The newest frames of shared fetches per key, waiting for the outbox to empty.
     _shared: dict[EntityKey, SharedFrames] | None = None
+    #: Frames waiting to be written, in order; None while there are none (most of the time).
+    _outbox: deque[str | EncodedFrame] | None = None
 
     def __init__(
         self,
@@ -116,12 +118,11 @@ class Connection:
         self._generation = 0
         #: The secret and its generation as one value, replaced whole: read without the lock.
         self._member: tuple[Any, int] = (secret, 0)
-        self._lock = threading.Lock()
+        self._lock = light_lock()
         self._subscriptions: set[EntityKey] = set()
         self._pending: dict[EntityKey, None] = {}
         #: Versions the client said it holds, each spared once by an equal result.
         self._held: dict[EntityKey, str] = {}
-        self._outbox: deque[str | EncodedFrame] = deque()
         self._outbox_size = 0
         self._working = False
         self._failures = FetchFailures(limits.fetch_retry_max, hub.tasks)
@@ -294,7 +295,7 @@ class Connection:
             overflow = bool(self._outbox) and self._outbox_size + len(frame) > self._limits.outbox_limit
             start = False
             if not overflow:
-                self._outbox.append(frame)
+                self._outbox_for_append().append(frame)
                 self._outbox_size += len(frame)
                 start, self._working = not self._working, True
         if overflow:
@@ -333,7 +334,7 @@ class Connection:
                 elif self._shared:
                     # Before refreshes: a refresh taken now reads state newer than these frames.
                     shared = self._shared.pop(next(iter(self._shared)))
-                    self._outbox.extend(shared.frames)
+                    self._outbox_for_append().extend(shared.frames)
                     self._outbox_size += shared.size
                     continue
                 elif self._pending:
@@ -342,6 +343,7 @@ class Connection:
                     secret, generation = self._secret, self._generation
                 else:
                     self._working = False
+                    self._outbox = None  # an idle connection keeps no queue
                     return
             if frame is not None:
                 if not self._write(frame):
@@ -367,6 +369,13 @@ class Connection:
                 self._outbox_size -= len(frame)
         return True
 
+    def _outbox_for_append(self) -> deque[str | EncodedFrame]:
+        """With the lock held: the outbox, created on first use."""
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
+        return outbox
+
     def _send(self, frame: str | EncodedFrame) -> None:
         if isinstance(frame, str):
             self._transport.send_text(frame)
@@ -383,7 +392,11 @@ class Connection:
         goes to this connection's worker. On a busy one they wait, replacing
         older shared frames of the same key, until earlier frames are
         written: a slow reader gets fewer, fresher frames, as with refreshes.
+
+        The write that cannot wait happens under this connection's lock: it
+        never blocks, and the lock is taken once per subscriber.
         """
+        failed = False
         with self._lock:
             if self.closed or shared.key not in self._subscriptions:
                 return
@@ -396,15 +409,28 @@ class Connection:
                     self._shared = {}
                 self._shared[shared.key] = shared
                 return
-            self._working = True
-        rest = self._write_now(shared.frames)
-        with self._lock:
-            if rest and not self.closed:
-                self._outbox.extendleft(reversed(rest))
+            try_send = getattr(self._transport, "try_send_frame", None)
+            frames = shared.frames
+            try:
+                if try_send is not None and len(frames) == 1:  # the common case, inline
+                    left = try_send(frames[0].wire)
+                    if left == 0:
+                        return  # written: the connection stays idle
+                    rest = list(frames) if left is None else [FLUSH]
+                else:
+                    rest = self._write_now(frames)
+            except Exception as exc:
+                log.debug("write failed, closing: %r", exc)
+                failed = True
+            else:
+                if not rest:
+                    return  # all written: the connection stays idle
+                self._outbox_for_append().extendleft(reversed(rest))
                 self._outbox_size += sum(map(len, rest))
-            if self.closed or not (self._outbox or self._pending or self._shared):
-                self._working = False
-                return
+                self._working = True
+        if failed:
+            self.close(p.CLOSE_GOING_AWAY, "write failed")
+            return
         self._hub.tasks.spawn(self._work)
 
     def cohort_member(self) -> tuple[Any, int] | None:
@@ -430,17 +456,15 @@ class Connection:
                 self._enqueue(frame)
 
     def _write_now(self, frames: tuple[EncodedFrame, ...]) -> list[EncodedFrame]:
-        """Write ``frames`` without waiting; the frames still to write (``FLUSH`` first if one was cut)."""
-        if not hasattr(self._transport, "try_send_frame"):
+        """Write ``frames`` without waiting; the frames still to write (``FLUSH`` first if one was cut).
+
+        Raises what the socket raises.
+        """
+        try_send = getattr(self._transport, "try_send_frame", None)
+        if try_send is None:
             return list(frames)
-        transport = cast(FrameTransport, self._transport)
         for i, frame in enumerate(frames):
-            try:
-                left = transport.try_send_frame(frame.wire)
-            except Exception as exc:
-                log.debug("write failed, closing: %r", exc)
-                self.close(p.CLOSE_GOING_AWAY, "write failed")
-                return []
+            left = try_send(frame.wire)
             if left is None:
                 return list(frames[i:])
             if left:
@@ -465,7 +489,7 @@ class Connection:
                 return  # unsubscribed, or fetched with a secret that is no longer current
             if version is not None and self._held and self._held.pop(key, None) == version:
                 return  # the client holds these very rows
-            self._outbox.extend(frames)
+            self._outbox_for_append().extend(frames)
             self._outbox_size += sum(map(len, frames))
 
     def _fetch_failed(self, key: EntityKey, exc: Exception) -> list[str]:
@@ -502,7 +526,7 @@ class Connection:
             self._subscriptions.clear()
             self._pending.clear()
             self._held.clear()
-            self._outbox.clear()
+            self._outbox = None
             self._outbox_size = 0
         self._hub.remove(self, subscriptions)
         if code not in (1000, p.CLOSE_GOING_AWAY, p.CLOSE_SERVICE_RESTART):

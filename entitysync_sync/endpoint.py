@@ -2,7 +2,7 @@
 
 :func:`endpoint_blueprint` builds the blueprint that
 :meth:`EntitySync.init_app <entitysync_sync.EntitySync.init_app>` registers:
-the websocket route at ``ENTITYSYNC_PATH`` (through flask-sock), and the
+the websocket route at ``ENTITYSYNC_PATH``, and the
 browser client at that path plus ``client.js`` and ``client.mjs``, with its
 TypeScript declarations at ``client.d.ts``. A client
 frame goes from here to :meth:`Connection.receive
@@ -20,7 +20,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Blueprint, abort, current_app, request
-from flask_sock import Sock
 from werkzeug.wrappers import Response
 
 from . import protocol as p
@@ -28,7 +27,7 @@ from .concurrency import gevent_active
 from .connection import Connection
 from .runtime import EXTENSION_NAME, Runtime
 from .settings import Settings
-from .transport import WebSocketTransport
+from .transport import FrameTooBig, WebSocketTransport
 
 log = logging.getLogger("entitysync_sync")
 
@@ -39,18 +38,25 @@ def endpoint_blueprint(settings: Settings) -> Blueprint:
     blueprint.before_request(partial(_check_origin, settings.allowed_origins))
     if not settings.compression:
         blueprint.before_request(_refuse_compression)
-    Sock().route(settings.path, bp=blueprint)(serve)
+    # Only websocket upgrades match this rule (as with flask-sock's routes).
+    blueprint.add_url_rule(settings.path, "serve", serve, websocket=True)
     blueprint.add_url_rule(settings.path + "client.js", "client_js", _client_script)
     blueprint.add_url_rule(settings.path + "client.mjs", "client_mjs", _client_module)
     blueprint.add_url_rule(settings.path + "client.d.ts", "client_d_ts", _client_types)
     return blueprint
 
 
-def serve(ws: Any) -> None:
-    """The websocket route: one connection, from its upgrade to the end of its stream."""
+def serve() -> Any:
+    """The websocket route: one connection, from its upgrade to the end of its stream.
+
+    The handshake is answered as flask-sock answers it (simple-websocket's
+    server), but the frames are read here, in the request's own greenlet or
+    thread, by :class:`~entitysync_sync.transport.WebSocketTransport`: one
+    greenlet per connection under gevent.
+    """
     runtime: Runtime = current_app.extensions[EXTENSION_NAME]
-    transport = WebSocketTransport(ws, runtime.tasks, runtime.settings.max_message_bytes,
-                                   runtime.settings.send_timeout)
+    transport = WebSocketTransport.accept(request.environ, runtime.tasks, runtime.settings.max_message_bytes,
+                                          runtime.settings.send_timeout)
     try:
         _converse(runtime, transport)
     except Exception:
@@ -62,6 +68,7 @@ def serve(ws: Any) -> None:
             transport.finish()
         except Exception:
             log.debug("ending the websocket stream failed", exc_info=True)
+    return transport.response()
 
 
 def _converse(runtime: Runtime, transport: WebSocketTransport) -> None:
@@ -85,17 +92,22 @@ def _converse(runtime: Runtime, transport: WebSocketTransport) -> None:
     if runtime.draining:  # began while this one was being set up: the drain did not see it
         conn.close(p.CLOSE_SERVICE_RESTART, "server restarting")
     limit = runtime.settings.max_message_bytes
-    # With real threads simple-websocket can wake its reader before marking
-    # itself closed; a periodic timeout lets this loop notice. Greenlets cannot race.
+    # A close decided by another thread must end this loop within a second:
+    # threads poll. Under gevent the transport stops the read itself once
+    # the close frame has waited its linger for an answer.
     poll = None if gevent_active() else 1.0
     try:
         while not conn.closed:
-            data = transport.receive(timeout=poll)
+            try:
+                data = transport.receive(timeout=poll)
+            except FrameTooBig:
+                conn.close(p.CLOSE_MESSAGE_TOO_BIG, "message too big")
+                break
             if data is None:
                 if not transport.connected:
                     break
             elif len(data if isinstance(data, bytes) else data.encode()) > limit:
-                # Normally refused by simple-websocket before it is buffered.
+                # Normally refused by the transport before it is buffered.
                 conn.close(p.CLOSE_MESSAGE_TOO_BIG, "message too big")
             else:
                 conn.receive(data)

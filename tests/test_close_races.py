@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -136,6 +137,24 @@ def test_every_decided_close_reaches_the_client_under_load(servers: ServerPool, 
         assert_no_errors_logged(server)
     log = flooded.log() + slowed.log()
     assert "rate limit exceeded" in log and "outbox limit exceeded" in log and "ping" in log
+
+
+def test_the_stream_ends_after_a_close_the_client_never_answers(servers: ServerPool, kind: str) -> None:
+    """A close decided away from the handler's reads (here by the heartbeat) still ends the stream.
+
+    The client reads but never answers pings nor the close frame. The handler is
+    waiting on the socket meanwhile; under gevent nothing polls, so only the
+    transport's linger after the close frame ends that wait, and the stream.
+    """
+    server = servers.get(kind, ENTITYSYNC_PING_INTERVAL=0.5, ENTITYSYNC_SEND_TIMEOUT=1)
+    client = connect(server, answer_pings=False, answer_close=False)
+    started = time.monotonic()
+    frames = client.wait_closed(timeout=20)
+    assert client.saw_close and frames[-1].close_code == 1008
+    # Two ping intervals, the linger (2 s) and, for threads, a poll (1 s), with room for a busy machine.
+    assert time.monotonic() - started < 10
+    wait_for(lambda: server.stats()["connections"] == 0, message="the connection to be gone")
+    assert_no_errors_logged(server)
 
 
 def test_a_shutdown_close_reaches_idle_and_sending_clients(kind: str, busy_cpu: None, uid: str) -> None:

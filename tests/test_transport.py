@@ -1,8 +1,8 @@
-"""The transport over a real simple-websocket server on a socket pair, in threads.
+"""The transport over a real simple-websocket handshake on a socket pair, in threads.
 
-These tests pin down races between simple-websocket's reader thread and the
-websocket handler that the threaded development server can hit, by holding
-the reader at the exact point where the race happens.
+The websocket handler is the socket's only reader. These tests pin down that
+a handler waiting in ``receive`` on the threaded development server learns of
+an oversized message as soon as its bytes arrive, not after its poll interval.
 """
 
 from __future__ import annotations
@@ -10,15 +10,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
-import simple_websocket
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 from entitysync_sync.concurrency import Tasks
-from entitysync_sync.transport import WebSocketTransport
+from entitysync_sync.transport import FrameTooBig, WebSocketTransport
 
 HANDSHAKE = {
     "HTTP_HOST": "127.0.0.1",
@@ -28,46 +27,16 @@ HANDSHAKE = {
 }
 
 
-class HeldAfterWake(threading.Event):
-    """An event whose ``set`` holds the setting thread until a waiter has cleared it.
-
-    simple-websocket's reader wakes ``receive`` for an oversized message before
-    it marks the websocket closed; holding the reader inside ``set`` lets the
-    waiter run in between every time, not only when the scheduler happens to.
-    """
-
-    hold = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cleared = threading.Event()
-
-    def set(self) -> None:
-        super().set()
-        if self.hold and threading.current_thread().name.startswith("reader"):
-            self.hold = False
-            self.cleared.wait(10)
-
-    def clear(self) -> None:
-        super().clear()
-        self.cleared.set()
-
-
 @pytest.fixture
 def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     server_sock, client_sock = socket.socketpair()
+    client_sock.settimeout(10)
     yield server_sock, client_sock
     server_sock.close()
     client_sock.close()
 
 
-def _reader_thread(*args: Any, **kwargs: Any) -> threading.Thread:
-    thread = threading.Thread(*args, **kwargs)
-    thread.name = "reader"
-    return thread
-
-
-def test_a_handler_waiting_in_receive_wakes_when_an_oversized_message_stops_the_reader(
+def test_a_handler_waiting_in_receive_learns_of_an_oversized_message_at_once(
         pair: tuple[socket.socket, socket.socket]) -> None:
     server_sock, client_sock = pair
     client = WSConnection(ConnectionType.CLIENT)
@@ -76,26 +45,28 @@ def test_a_handler_waiting_in_receive_wakes_when_an_oversized_message_stops_the_
     key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
                if line.lower().startswith(b"sec-websocket-key:"))
     environ = {**HANDSHAKE, "HTTP_SEC_WEBSOCKET_KEY": key.decode(), "werkzeug.socket": server_sock}
-    ws = simple_websocket.Server(environ,
-                                 thread_class=_reader_thread, event_class=HeldAfterWake)
+    transport = WebSocketTransport.accept(environ, Tasks(), max_message_bytes=100)
     client.receive_data(client_sock.recv(4096))
     assert any(isinstance(e, AcceptConnection) for e in client.events())
-    transport = WebSocketTransport(ws, Tasks(), max_message_bytes=100)
 
-    returned: list[float] = []
+    outcome: list[tuple[str, float]] = []
+    waiting_started = threading.Event()
 
     def handler() -> None:
-        transport.receive(timeout=60)
-        returned.append(time.monotonic())
+        waiting_started.set()
+        try:
+            transport.receive(timeout=60)
+            outcome.append(("returned", time.monotonic()))
+        except FrameTooBig:
+            outcome.append(("too big", time.monotonic()))
 
     waiting = threading.Thread(target=handler, daemon=True)
     waiting.start()
-    ws.event.hold = True
+    assert waiting_started.wait(10)
     sent = time.monotonic()
     client_sock.sendall(client.send(TextMessage(data="x" * 500)))
     waiting.join(20)
-    assert returned, "the handler still waits in receive after the reader stopped"
-    assert returned[0] - sent < 20
-    assert not transport.connected
-    ws.thread.join(10)
-    assert not ws.thread.is_alive()
+    assert outcome, "the handler still waits in receive after an oversized message arrived"
+    (what, at), = outcome
+    assert what == "too big"
+    assert at - sent < 20

@@ -103,7 +103,8 @@ def parse_stream(data: bytes) -> list[Frame]:
 class RawClient:
     """A websocket client that keeps every byte the server sends after the handshake.
 
-    ``answer_pings`` False makes a client that never answers pings.
+    ``answer_pings`` False makes a client that never answers pings; ``answer_close``
+    False one that never answers the server's close frame.
     ``read_delay`` slows its reading down (seconds between reads of ``read_size`` bytes).
     """
 
@@ -112,6 +113,7 @@ class RawClient:
     path: str
     cookie: str | None = None
     answer_pings: bool = True
+    answer_close: bool = True
     read_size: int = 65536
     read_delay: float = 0.0
     received: bytearray = field(default_factory=bytearray)
@@ -176,6 +178,8 @@ class RawClient:
                         with self._send_lock:
                             if not self.saw_close:
                                 self.saw_close = True
+                                if not self.answer_close:
+                                    continue
                                 try:
                                     self.sock.sendall(encode_frame(OP_CLOSE, frame.payload[:2]))
                                 except OSError:
