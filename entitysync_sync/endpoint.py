@@ -13,13 +13,15 @@ written by the connection through :mod:`entitysync_sync.transport`.
 from __future__ import annotations
 
 import logging
+import threading
 from functools import lru_cache, partial
 from hashlib import sha256
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, current_app, request
+from flask import Blueprint, Flask, abort, current_app, request
+from flask_sock import Sock
 from werkzeug.wrappers import Response
 
 from . import protocol as p
@@ -34,29 +36,69 @@ log = logging.getLogger("entitysync_sync")
 
 def endpoint_blueprint(settings: Settings) -> Blueprint:
     """The websocket route and the client files, configured by ``settings``."""
-    blueprint = Blueprint("entitysync", __name__)
+    blueprint = Blueprint(BLUEPRINT, __name__)
     blueprint.before_request(partial(_check_origin, settings.allowed_origins))
     if not settings.compression:
         blueprint.before_request(_refuse_compression)
-    # Only websocket upgrades match this rule (as with flask-sock's routes).
-    blueprint.add_url_rule(settings.path, "serve", serve, websocket=True)
+    Sock().route(settings.path, bp=blueprint)(serve)
     blueprint.add_url_rule(settings.path + "client.js", "client_js", _client_script)
     blueprint.add_url_rule(settings.path + "client.mjs", "client_mjs", _client_module)
     blueprint.add_url_rule(settings.path + "client.d.ts", "client_d_ts", _client_types)
     return blueprint
 
 
-def serve() -> Any:
+BLUEPRINT = "entitysync"
+
+
+class _ServerOption:
+    """One of the app's ``SOCK_SERVER_OPTIONS`` that differs for this extension's route.
+
+    flask-sock builds every websocket route's simple-websocket server with the
+    app's ``SOCK_SERVER_OPTIONS``, inside the request. For this extension's
+    route the server must not start its reader thread (the handler reads the
+    socket itself: one greenlet per connection); the app's own flask-sock
+    routes keep what the app chose, or simple-websocket's default.
+    """
+
+    def __init__(self, ours: Any, theirs: Any, default: Callable[[], Any]) -> None:
+        self.ours, self.theirs, self.default = ours, theirs, default
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if request.blueprint == BLUEPRINT:
+            return self.ours(*args, **kwargs)
+        return (self.theirs or self.default())(*args, **kwargs)
+
+
+def install_server_options(app: Flask) -> None:
+    """Make flask-sock build this extension's websocket servers without a reader thread.
+
+    The app's ``SOCK_SERVER_OPTIONS`` is updated in place; set any options
+    of the app's own before ``init_app``, or update the dict in place after it.
+    """
+    options = app.config.setdefault("SOCK_SERVER_OPTIONS", {})
+    defaults = {"thread_class": lambda: threading.Thread, "event_class": lambda: threading.Event}
+    for name, ours in WebSocketTransport.SERVER_OPTIONS.items():
+        theirs = options.get(name)
+        if isinstance(theirs, _ServerOption):
+            theirs = theirs.theirs
+        options[name] = _ServerOption(ours, theirs, defaults[name])
+
+
+def serve(ws: Any) -> None:
     """The websocket route: one connection, from its upgrade to the end of its stream.
 
-    The handshake is answered as flask-sock answers it (simple-websocket's
-    server), but the frames are read here, in the request's own greenlet or
-    thread, by :class:`~entitysync_sync.transport.WebSocketTransport`: one
-    greenlet per connection under gevent.
+    flask-sock answers the handshake (with simple-websocket), but the frames
+    are read here, in the request's own greenlet or thread, by
+    :class:`~entitysync_sync.transport.WebSocketTransport`: one greenlet per
+    connection under gevent.
     """
     runtime: Runtime = current_app.extensions[EXTENSION_NAME]
-    transport = WebSocketTransport.accept(request.environ, runtime.tasks, runtime.settings.max_message_bytes,
-                                          runtime.settings.send_timeout)
+    try:
+        transport = WebSocketTransport.adopt(ws, runtime.tasks, runtime.settings.max_message_bytes,
+                                             runtime.settings.send_timeout)
+    except RuntimeError:
+        log.exception("the websocket cannot be served")
+        return
     try:
         _converse(runtime, transport)
     except Exception:
@@ -68,7 +110,6 @@ def serve() -> Any:
             transport.finish()
         except Exception:
             log.debug("ending the websocket stream failed", exc_info=True)
-    return transport.response()
 
 
 def _converse(runtime: Runtime, transport: WebSocketTransport) -> None:

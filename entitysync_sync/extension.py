@@ -16,7 +16,7 @@ from flask import Flask, current_app, has_app_context
 
 from .bus import Bus
 from .cli import cli
-from .endpoint import endpoint_blueprint
+from .endpoint import endpoint_blueprint, install_server_options
 from .exceptions import ConfigError, UnknownEntityError
 from .hub import Hub
 from .keys import EntityKey, IdLike, KeyLike, as_key, stamp_keys, validate_entity
@@ -69,6 +69,7 @@ class EntitySync:
             raise ConfigError("a bus instance passed to EntitySync serves one app only")
         settings = load_settings(app.config)
         runtime = Runtime(self._registry, app, settings, self._bus)
+        install_server_options(app)
         app.register_blueprint(endpoint_blueprint(settings))
         app.cli.add_command(cli)
         app.extensions[EXTENSION_NAME] = runtime

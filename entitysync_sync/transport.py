@@ -1,8 +1,9 @@
 """The socket side of a connection: the websocket's one reader and its serialised writers.
 
-The upgrade is accepted by simple-websocket (the library flask-sock is built
-on), which reads the handshake from the WSGI environ and answers it on the
-socket. Its per-connection reader thread is never started: the websocket
+The upgrade is accepted by flask-sock's route, through simple-websocket,
+which reads the handshake from the WSGI environ and answers it on the
+socket. Its per-connection reader thread is never started
+(:attr:`WebSocketTransport.SERVER_OPTIONS`): the websocket
 handler's own greenlet or thread reads the socket (:meth:`WebSocketTransport.receive`),
 so a connection costs one greenlet under ``gunicorn -k gevent`` instead of
 two, and the handshake's objects are released once it is done. Frames are
@@ -31,7 +32,6 @@ import socket
 import time
 from typing import Any
 
-from flask import Response
 from simple_websocket import ConnectionClosed
 from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionState
@@ -91,14 +91,6 @@ class _NoEvent:
         return False
 
 
-def _server_mode(environ: dict[str, Any]) -> str:
-    """Which server the request came through, told as flask-sock tells it."""
-    if "werkzeug.socket" in environ:
-        return "werkzeug"
-    if "gunicorn.socket" in environ:
-        return "gunicorn"
-    return "other"
-
 
 class WebSocketTransport:
     """One websocket: a single reader, whole-frame serialised writes and a close that never blocks."""
@@ -117,11 +109,15 @@ class WebSocketTransport:
     #: The timer that stops reading once a close frame has waited ``linger`` for its answer.
     _linger_timer: Any = None
 
-    def __init__(self, sock: Any, proto: WsConnection, mode: str, tasks: Any,
+    #: The ``simple_websocket.Server`` options that leave its reader thread unstarted,
+    #: so that :meth:`adopt` can take the socket over. flask-sock passes the app's
+    #: ``SOCK_SERVER_OPTIONS`` to the server it builds for a route.
+    SERVER_OPTIONS: dict[str, Any] = {"thread_class": _NoReaderThread, "event_class": _NoEvent}
+
+    def __init__(self, sock: Any, proto: WsConnection, tasks: Any,
                  max_message_bytes: int | None = None, close_wait: float = CLOSE_WAIT) -> None:
         self._raw = sock
         self._proto = proto
-        self._mode = mode
         self._tasks = tasks
         self._max_message = max_message_bytes or 0
         self._close_wait = close_wait
@@ -139,22 +135,40 @@ class WebSocketTransport:
         self._pong = True
 
     @classmethod
+    def adopt(cls, ws: Any, tasks: Any, max_message_bytes: int | None = None,
+              close_wait: float = CLOSE_WAIT) -> WebSocketTransport:
+        """Take over the socket of ``ws``, a ``simple_websocket.Server`` built with
+        :attr:`SERVER_OPTIONS` whose handshake is done.
+
+        Only the socket and wsproto's connection are kept: ``ws`` is marked
+        closed (so a later ``ws.close()``, as flask-sock makes after the
+        route, writes nothing) and its handshake's objects are let go.
+        Raises :class:`RuntimeError` if ``ws`` started a reader of its own:
+        two readers of one socket would steal each other's frames.
+        """
+        if not isinstance(getattr(ws, "thread", None), _NoReaderThread):
+            raise RuntimeError(
+                "the websocket server started its own reader thread: SOCK_SERVER_OPTIONS was "
+                "replaced after EntitySync.init_app; update it in place, or set it before init_app")
+        proto = ws.ws.connection
+        if proto is None or not ws.connected:  # pragma: no cover - Server raises first
+            raise ConnectionError("the websocket handshake did not complete")
+        ws.connected = False
+        sock = ws.sock
+        ws.ws = ws.environ = ws.input_buffer = None
+        return cls(sock, proto, tasks, max_message_bytes, close_wait)
+
+    @classmethod
     def accept(cls, environ: dict[str, Any], tasks: Any, max_message_bytes: int | None = None,
                close_wait: float = CLOSE_WAIT) -> WebSocketTransport:
-        """Answer the websocket handshake of the request ``environ`` and return its transport.
+        """Answer the websocket handshake of the request ``environ`` and return its transport
+        (what flask-sock's route and :meth:`adopt` do together).
 
         Raises what ``simple_websocket.Server`` raises for a request it cannot upgrade.
         """
         from simple_websocket import Server
 
-        ws = Server(environ, thread_class=_NoReaderThread, event_class=_NoEvent)
-        proto = ws.ws.connection
-        if proto is None or not ws.connected:  # pragma: no cover - Server raises first
-            raise ConnectionError("the websocket handshake did not complete")
-        # Only the socket and wsproto's connection are kept: the handshake's
-        # objects (the environ's copy, the HTTP parser) go with ``ws``.
-        ws.connected = False
-        return cls(ws.sock, proto, _server_mode(environ), tasks, max_message_bytes, close_wait)
+        return cls.adopt(Server(environ, **cls.SERVER_OPTIONS), tasks, max_message_bytes, close_wait)
 
     # -- reading ---------------------------------------------------------------
 
@@ -534,34 +548,9 @@ class WebSocketTransport:
         except OSError:
             pass
 
-    def response(self) -> Any:
-        """What the websocket route returns once :meth:`finish` has ended the stream.
-
-        As flask-sock does: under gunicorn a response that tells it the
-        request wrote its own output; under Werkzeug's server an ordinary one
-        (it cannot reach the client: the stream is shut); otherwise nothing.
-        """
-        return _EndedResponse(self._mode)
 
 
 def _peer_closed(proto: WsConnection) -> bool:
     """Whether wsproto has read the peer's close frame."""
     return proto.state in (ConnectionState.CLOSED, ConnectionState.REMOTE_CLOSING)
 
-
-class _EndedResponse(Response):
-    """The route's response after the websocket stream ended (see :meth:`WebSocketTransport.response`).
-
-    A Flask response, so Flask hands it to the server as it is.
-    """
-
-    def __init__(self, mode: str) -> None:
-        super().__init__()
-        self.mode = mode
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:
-        if self.mode == "gunicorn":
-            raise StopIteration()
-        if self.mode == "werkzeug":
-            return super().__call__(environ, start_response)
-        return []

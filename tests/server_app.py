@@ -24,6 +24,7 @@ from contextlib import closing
 from typing import Any
 
 from flask import Flask, jsonify, request, url_for
+from flask_sock import Sock
 
 from entitysync_sync import EntityKey, EntitySync
 
@@ -108,6 +109,13 @@ def create_app() -> Flask:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     app = Flask(__name__)
     app.config.from_prefixed_env()
+    sock = Sock(app)
+
+    @sock.route("/_t/echo")
+    def echo(ws: Any) -> None:
+        # The app's own flask-sock route: simple-websocket's reader thread delivers this.
+        ws.send(ws.receive(timeout=10))
+
     es = EntitySync(app)
     shared = os.environ.get("ENTITYSYNC_TEST_DB")
     pg_table = os.environ.get("ENTITYSYNC_TEST_PG_TABLE")

@@ -27,6 +27,15 @@ HANDSHAKE = {
 }
 
 
+def _environ(client: WSConnection, server_sock: socket.socket) -> dict[str, object]:
+    """The WSGI environ of ``client``'s upgrade request: simple-websocket rebuilds the
+    request from it, as under a real server."""
+    request = client.send(Request(host="127.0.0.1", target="/"))
+    key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:"))
+    return {**HANDSHAKE, "HTTP_SEC_WEBSOCKET_KEY": key.decode(), "werkzeug.socket": server_sock}
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     server_sock, client_sock = socket.socketpair()
@@ -40,11 +49,7 @@ def test_a_handler_waiting_in_receive_learns_of_an_oversized_message_at_once(
         pair: tuple[socket.socket, socket.socket]) -> None:
     server_sock, client_sock = pair
     client = WSConnection(ConnectionType.CLIENT)
-    request = client.send(Request(host="127.0.0.1", target="/"))
-    # simple-websocket rebuilds the request from the WSGI environ, as under a real server.
-    key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-               if line.lower().startswith(b"sec-websocket-key:"))
-    environ = {**HANDSHAKE, "HTTP_SEC_WEBSOCKET_KEY": key.decode(), "werkzeug.socket": server_sock}
+    environ = _environ(client, server_sock)
     transport = WebSocketTransport.accept(environ, Tasks(), max_message_bytes=100)
     client.receive_data(client_sock.recv(4096))
     assert any(isinstance(e, AcceptConnection) for e in client.events())
@@ -70,3 +75,22 @@ def test_a_handler_waiting_in_receive_learns_of_an_oversized_message_at_once(
     (what, at), = outcome
     assert what == "too big"
     assert at - sent < 20
+
+
+def test_a_server_that_started_its_own_reader_is_refused(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Two readers of one socket would steal each other's frames, so the transport refuses a
+    server built without :attr:`WebSocketTransport.SERVER_OPTIONS` (the app replaced
+    ``SOCK_SERVER_OPTIONS`` after ``init_app``), with a message that says what to do."""
+    import simple_websocket
+
+    server_sock, client_sock = pair
+    client = WSConnection(ConnectionType.CLIENT)
+    environ = _environ(client, server_sock)
+    ws = simple_websocket.Server(environ)
+    try:
+        with pytest.raises(RuntimeError, match=r"SOCK_SERVER_OPTIONS was replaced after EntitySync\.init_app"):
+            WebSocketTransport.adopt(ws, Tasks())
+    finally:
+        ws.close()
+        client_sock.close()
+        ws.thread.join(10)

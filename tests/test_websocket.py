@@ -9,7 +9,7 @@ import pytest
 
 from entitysync_sync import protocol as p
 from tests.support.clients import DeflateClient
-from tests.support.servers import Server, ServerPool
+from tests.support.servers import WS_PATH, Server, ServerPool
 from tests.support.waiting import wait_for
 
 GONE = p.result_version(None)
@@ -374,3 +374,21 @@ def test_a_bus_started_before_gunicorn_forks_is_restarted_in_the_worker(clients,
         assert client.expect_push("items", uid) == {"id": uid, "value": "through the worker's own bus"}
     finally:
         server.stop()
+
+
+def test_the_apps_own_flask_sock_routes_keep_their_reader_beside_ours(server: Server, clients, uid: str) -> None:
+    """flask-sock builds every route's server with the app's SOCK_SERVER_OPTIONS; only this
+    extension's route goes without simple-websocket's reader thread."""
+    import websocket
+
+    client = clients(server.ws_url)
+    client.subscribe("items", uid)
+    client.expect(lambda f: f["action"] == "gone")
+    echo = websocket.create_connection(server.ws_url.replace(WS_PATH, "/_t/echo"), timeout=10)
+    try:
+        echo.send("through the app's own route")
+        assert echo.recv() == "through the app's own route"
+    finally:
+        echo.close()
+    server.set("items", uid, "still served")
+    assert client.expect_push("items", uid) == {"id": uid, "value": "still served"}
