@@ -7,6 +7,7 @@ The helpers these fixtures hand out live in :mod:`tests.support`.
 from __future__ import annotations
 
 import re
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +57,16 @@ def clients() -> Iterator[Callable[..., Client]]:
             client.close()
         except Exception:
             pass
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected (server side, client side) pair of real sockets, for the transport's tests."""
+    server_side, client_side = socket.socketpair()
+    client_side.settimeout(10)
+    yield server_side, client_side
+    server_side.close()
+    client_side.close()
 
 
 @pytest.fixture

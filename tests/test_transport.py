@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Iterator
 
 import pytest
 from wsproto import ConnectionType, WSConnection
@@ -34,15 +33,6 @@ def _environ(client: WSConnection, server_sock: socket.socket) -> dict[str, obje
     key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
                if line.lower().startswith(b"sec-websocket-key:"))
     return {**HANDSHAKE, "HTTP_SEC_WEBSOCKET_KEY": key.decode(), "werkzeug.socket": server_sock}
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    server_sock, client_sock = socket.socketpair()
-    client_sock.settimeout(10)
-    yield server_sock, client_sock
-    server_sock.close()
-    client_sock.close()
 
 
 def test_a_handler_waiting_in_receive_learns_of_an_oversized_message_at_once(

@@ -18,9 +18,8 @@ import socket
 import threading
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from simple_websocket import Server
@@ -54,16 +53,6 @@ def handshake_environ(sock: socket.socket, deflate: bool = False) -> dict[str, A
     if deflate:
         environ["HTTP_SEC_WEBSOCKET_EXTENSIONS"] = "permessage-deflate"
     return environ
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    """A connected (server side, client side) pair of real sockets."""
-    server_side, client_side = socket.socketpair()
-    client_side.settimeout(10)
-    yield server_side, client_side
-    server_side.close()
-    client_side.close()
 
 
 def read_handshake(client: socket.socket) -> bytes:
