@@ -8,7 +8,7 @@ fetched once, with that secret, its frames are encoded once (and once for
 equal JSON texts of different groups), and every member gets them through
 its own writer, exactly like a shared fetch (:mod:`entitysync_sync.fanout`),
 so a slow member still delays only itself. The fetches of every changed key
-wait in one queue, worked through by lanes (see :class:`Cohorts`).
+wait in one queue, worked through by lanes (:mod:`entitysync_sync.lanes`).
 
 A member is identified with the secret *and* the secret's generation it had
 when the group was formed: a member whose secret changed meanwhile is not
@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import deque
 from typing import Any, Hashable, Protocol
 
 from . import protocol as p
@@ -40,11 +38,9 @@ from .failures import FetchFailures
 from .frames import EncodedFrame, SharedFrames
 from .hub import Hub, Subscriber
 from .keys import EntityKey
+from .lanes import FetchRun, Lanes
 
 log = logging.getLogger("entitysync_sync")
-
-#: Seconds a lane fetches before it hands the rest of the queue over to a new one.
-SLICE = 0.005
 
 
 class CohortHandlers(Protocol):
@@ -55,20 +51,6 @@ class CohortHandlers(Protocol):
 
     def run(self) -> FetchRun:
         """Fetches made one after another by the caller (see :class:`~entitysync_sync.registry.FetchRun`)."""
-
-
-class FetchRun(Protocol):
-    """Fetches made one after another, closed at the end (a context manager)."""
-
-    def __enter__(self) -> FetchRun: ...
-
-    def __exit__(self, *exc_info: object) -> None: ...
-
-    def fetch(self, key: EntityKey, secret: Any) -> p.FetchResult:
-        """The row or rows of ``key`` for ``secret`` as JSON texts, or ``None``."""
-
-    def fetch_batch(self, key: EntityKey, secrets: list[Any]) -> list[p.FetchResult]:
-        """One call of a batch fetch: one result per secret, in order."""
 
 
 class _Group:
@@ -96,32 +78,21 @@ class Cohorts:
 
     A refresh of a key is a round: its subscribers are grouped, and each
     group (or, for a batch entity, each chunk of groups) is a unit of work
-    in one queue shared by every key. Lanes take units from that queue and
-    fetch them one after another through one
-    :class:`~entitysync_sync.registry.FetchRun`, so a notification of a
-    thousand keys pays for a task, an application context and a fetch timer
-    once, not once per subscriber. Yet a slow fetch for one user holds up no
-    one: while units are queued, a spare lane is always queued too, and it
-    runs exactly when the running fetch waits (on a database socket, say);
-    it takes the next unit and queues a spare of its own, so fetches that
-    wait overlap as if each ran in its own task. A lane hands over to its
-    spare after :data:`SLICE` seconds, so other greenlets are not kept
-    waiting behind a long queue.
+    in the queue of :class:`~entitysync_sync.lanes.Lanes`, shared by every
+    key, so a notification of a thousand keys pays for a task, an
+    application context and a fetch timer once, not once per subscriber,
+    and a slow fetch for one user still holds up no one.
     """
 
     def __init__(self, handlers: CohortHandlers, tasks: Tasks, envelope: bool = True,
-                 batch_size: int = 500) -> None:
+                 batch_size: int = 500, lanes: Lanes | None = None) -> None:
         self._handlers = handlers
         self._batch_size = batch_size
-        self._tasks = tasks
         self._envelope = envelope
+        self._lanes = lanes if lanes is not None else Lanes(tasks, handlers.run)
         self._lock = threading.Lock()
         #: Keys being refreshed → whether another notification arrived meanwhile.
         self._running: dict[EntityKey, bool] = {}
-        #: The rounds with units waiting for a lane, oldest first.
-        self._queue: deque[_Round] = deque()
-        #: Whether a lane has been started that is not running yet.
-        self._spare = False
         #: Rounds started so far (refreshes of a changed key for its subscribers).
         self._rounds = 0
         #: Only for logging: the first failure of a run is an error, later ones debug.
@@ -141,14 +112,9 @@ class Cohorts:
         while True:
             units = self._group(key, hub)
             if units:
-                round = _Round(self, key, hub, units)
                 with self._lock:
-                    self._queue.append(round)
                     self._rounds += 1
-                    spawn = not self._spare
-                    self._spare = True
-                if spawn:
-                    self._tasks.spawn(self._lane)
+                self._lanes.put(_Round(self, key, hub, units))
                 return
             if self._done(key):
                 return
@@ -156,8 +122,8 @@ class Cohorts:
     def stats(self) -> dict[str, int]:
         """``cohort_rounds`` (refreshes of changed per-user keys, coalesced) and ``cohort_queue``
         (fetches, of a group or of a batch chunk, waiting for a lane)."""
+        waiting = self._lanes.queued(_Round)
         with self._lock:
-            waiting = sum(len(round.units) - round.taken for round in self._queue)
             return {"cohort_rounds": self._rounds, "cohort_queue": waiting}
 
     def _done(self, key: EntityKey) -> bool:
@@ -174,44 +140,10 @@ class Cohorts:
         if not self._done(round.key):
             self._start(round.key, round.hub)
 
-    def _lane(self) -> None:
-        """Fetch queued units one after another, until none is left or the time slice is up."""
-        lock, queue, tasks = self._lock, self._queue, self._tasks
-        stop = time.monotonic() + SLICE
-        finished: _Round | None = None
-        with self._handlers.run() as run:
-            with lock:
-                self._spare = False
-            while True:
-                with lock:
-                    ended = finished is not None and finished.one_done()
-                    round = unit = None
-                    if queue and time.monotonic() < stop:
-                        round = queue[0]
-                        unit = round.take()
-                        if round.taken == len(round.units):
-                            queue.popleft()
-                    spawn = bool(queue) and not self._spare
-                    if spawn:
-                        self._spare = True
-                if spawn:
-                    tasks.spawn(self._lane)
-                if ended:
-                    self._end(finished)  # type: ignore[arg-type]  # ended implies a round
-                    finished = None
-                    if round is None:
-                        continue  # the end may have queued the key's next round
-                if round is None:
-                    return
-                finished = round
-                try:
-                    finished.fetch(run, unit)
-                except BaseException:  # the task is killed: the round must still end
-                    with lock:
-                        ended = finished.one_done()
-                        if ended:
-                            self._running.pop(finished.key, None)
-                    raise
+    def _abort(self, key: EntityKey) -> None:
+        """The task fetching the last unit of a round of ``key`` was killed: end the key's refresh."""
+        with self._lock:
+            self._running.pop(key, None)
 
     def _group(self, key: EntityKey, hub: Hub) -> list[Any]:
         """What to fetch: a group per distinct secret, in chunks of ``batch_size`` for a batch entity."""
@@ -256,7 +188,7 @@ class _Round:
         self.key = key
         self.hub = hub
         #: The groups (or chunks of groups) to fetch; how many a lane has taken, how many are unfinished.
-        #: Both counts change under the cohorts' lock.
+        #: Both counts change under the lanes' lock.
         self.units = units
         self.taken = 0
         self.left = len(units)
@@ -265,17 +197,33 @@ class _Round:
         self._frames: dict[Any, SharedFrames] = {}
 
     def take(self) -> Any:
-        """The next unit for a lane. Called under the cohorts' lock, while units are left."""
+        """The next unit for a lane. Called under the lanes' lock, while units are left."""
         unit = self.units[self.taken]
         self.taken += 1
         return unit
 
+    def exhausted(self) -> bool:
+        """Whether every unit has been taken. Called under the lanes' lock."""
+        return self.taken == len(self.units)
+
+    def waiting(self) -> int:
+        """Units not taken yet. Called under the lanes' lock."""
+        return len(self.units) - self.taken
+
     def one_done(self) -> bool:
-        """Count a unit fetched; True for the last one. Called under the cohorts' lock."""
+        """Count a unit fetched; True for the last one. Called under the lanes' lock."""
         self.left -= 1
         return not self.left
 
-    def fetch(self, run: FetchRun, unit: Any) -> None:
+    def finish(self) -> None:
+        """Every unit was fetched: end the key's refresh, or start its next round."""
+        self._cohorts._end(self)
+
+    def abort(self) -> None:
+        """The lane fetching the last unit was killed."""
+        self._cohorts._abort(self.key)
+
+    def work(self, run: FetchRun, unit: Any) -> None:
         """Fetch a unit (a group, or a chunk of groups) and hand the frames to its members."""
         key = self.key
         if isinstance(unit, list):
