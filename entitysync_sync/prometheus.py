@@ -45,6 +45,7 @@ GAUGES = (
     ("shared_cache_keys", "shared_cache_keys", "Shared keys whose frames are cached."),
     ("shared_cache_size", "shared_cache_size", "Characters of frame text held by the shared cache."),
     ("cohort_queue", "cohort_queue", "Per-user fetches (of a group of subscribers or a batch chunk) waiting to run."),
+    ("shared_refreshing", "shared_refreshing", "Shared keys whose refresh is queued or fetching."),
     ("draining", "draining", "1 while this worker closes its websockets to shut down, else 0."),
 )
 #: The counters, named as above; Prometheus adds ``_total``.

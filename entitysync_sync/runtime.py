@@ -28,6 +28,7 @@ from .exceptions import ConfigError
 from .fanout import Fanout
 from .hub import Hub
 from .keys import EntityKey
+from .lanes import Lanes
 from .metrics import MeteredSink, Metrics, collect
 from .registry import AppHandlers, Registry
 from .settings import Settings
@@ -74,9 +75,11 @@ class Runtime:
     def _build(self) -> None:
         """The parts that hold connections and background work (again in a forked child)."""
         self.tasks = Tasks("entitysync")
+        # One queue for every refresh, shared and per-user, so a burst of either waits its turn.
+        lanes = Lanes(self.tasks, self.handlers.run)
         self.fanout = Fanout(self.handlers, self.tasks, self.settings.envelope, self.settings.fetch_retry_max,
-                             self.settings.shared_cache_size)
-        self.cohorts = Cohorts(self.handlers, self.tasks, self.settings.envelope, self.settings.batch_size)
+                             self.settings.shared_cache_size, lanes)
+        self.cohorts = Cohorts(self.handlers, self.tasks, self.settings.envelope, self.settings.batch_size, lanes)
         self.hub = Hub(self.tasks, self.fanout, self.cohorts, interest=self.bus.key_interest)
 
     def _make_bus(self) -> Bus:
