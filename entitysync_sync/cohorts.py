@@ -29,11 +29,10 @@ reflect state read after the last notification.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Hashable, Protocol
 
 from . import protocol as p
-from .concurrency import Tasks
+from .concurrency import Tasks, light_lock
 from .failures import FetchFailures
 from .frames import EncodedFrame, SharedFrames
 from .hub import Hub, Subscriber
@@ -90,7 +89,7 @@ class Cohorts:
         self._batch_size = batch_size
         self._envelope = envelope
         self._lanes = lanes if lanes is not None else Lanes(tasks, handlers.run)
-        self._lock = threading.Lock()
+        self._lock = light_lock()
         #: Keys being refreshed → whether another notification arrived meanwhile.
         self._running: dict[EntityKey, bool] = {}
         #: Rounds started so far (refreshes of a changed key for its subscribers).

@@ -26,11 +26,10 @@ one fetch.
 
 from __future__ import annotations
 
-import threading
 from typing import Protocol
 
 from . import protocol as p
-from .concurrency import Tasks
+from .concurrency import Tasks, light_lock
 from .failures import FetchFailures, failure_message
 from .frames import EncodedFrame, SharedFrames
 from .hub import Hub, Subscriber
@@ -107,7 +106,7 @@ class Fanout:
         self._envelope = envelope
         self._failures = FetchFailures(retry_max, tasks)
         self._cache_limit = cache_limit
-        self._lock = threading.Lock()
+        self._lock = light_lock()
         self._running: dict[EntityKey, _Flight] = {}
         #: New subscribers waiting for the result of the key's next (or current) fetch.
         self._waiters: dict[EntityKey, list[Subscriber]] = {}

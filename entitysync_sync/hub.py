@@ -10,11 +10,10 @@ however slow the fetches or sockets are.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any, Iterable, Protocol, Sequence
 
-from .concurrency import Tasks
+from .concurrency import Tasks, light_lock
 from .frames import SharedFrames
 from .keys import EntityKey
 
@@ -103,7 +102,7 @@ class Hub:
         self.fanout = fanout
         self.cohorts = cohorts
         self.interest = interest
-        self._lock = threading.Lock()
+        self._lock = light_lock()
         self._connections: set[Subscriber] = set()
         self._subscribers: dict[EntityKey, set[Subscriber]] = {}
         #: Rounds of pings sent so far.

@@ -18,13 +18,12 @@ secret (or batch chunk) of a key's subscribers.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
 from . import protocol as p
-from .concurrency import Tasks
+from .concurrency import Tasks, light_lock
 from .keys import EntityKey
 
 #: Seconds a lane fetches before it hands the rest of the queue over to a new one.
@@ -86,7 +85,7 @@ class Lanes:
     def __init__(self, tasks: Tasks, open_run: Callable[[], FetchRun]) -> None:
         self._tasks = tasks
         self._open_run = open_run
-        self._lock = threading.Lock()
+        self._lock = light_lock()
         #: Jobs with units waiting for a lane, oldest first.
         self._queue: deque[Job] = deque()
         #: Whether a lane has been started that is not running yet.

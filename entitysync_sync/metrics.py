@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import bisect
 import math
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from .concurrency import light_lock
 from .keys import EntityKey, NotifiedKey
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class Metrics:
     """The counters and latency histograms of one app in this process."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = light_lock()
         self._counters = dict.fromkeys(COUNTERS, 0)
         self._fetch = Histogram()
         self._notify_to_push = Histogram()
