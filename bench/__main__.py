@@ -55,6 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="nsq:// URL query for the NSQ servers (d), e.g. output_buffer_timeout=25 [none]")
     parser.add_argument("--deflate-connections", type=int, default=2000, help="clients per server (f) [2000]")
     parser.add_argument("--deflate-notifies", type=int, default=20, help="notifies per server (f) [20]")
+    parser.add_argument("--routing-repeats", type=int, default=3,
+                        help="bursts per routing (h); the median one is reported [3]")
     parser.add_argument("--routing-notifications", type=int, default=20000,
                         help="notifications of random keys across four servers (h) [20000]")
     parser.add_argument("--channels", type=int, default=100000, help="key channels subscribed in Redis (i) [100000]")
@@ -72,6 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.seconds, args.burst, args.ingest = 1.0, 1000, 5000
         args.deflate_connections, args.deflate_notifies = 500, 3
         args.routing_notifications, args.channels, args.publishes = 2000, 10000, 20000
+        args.routing_repeats = 1
         args.pg_seconds = 2
         args.storm_connections, args.cohort_repeats = 500, 3
     return args

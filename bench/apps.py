@@ -8,7 +8,8 @@ each notify bumps, and the same HTTP control endpoints:
 * ``POST /notify-range/<entity>?start=0&count=1000``: bump and notify keys
   ``t<start>`` .. ``t<start+count-1>`` in one call;
 * ``GET /fetches/<entity>/<id>``: how many fetches the server has run for a key;
-* ``GET /bus-stats``: the bus's counters (entitysync_sync only).
+* ``GET /bus-stats``: the bus's counters, with ``fetches`` (fetch calls so far) and
+  ``refreshing`` (shared keys whose refresh is queued or fetching) (entitysync_sync only).
 
 Two entities: ``shared`` (the same rows for everyone) and ``items`` (rows
 fetched for each subscriber with its secret, the ``user`` query parameter;
@@ -121,7 +122,10 @@ def entitysync_app() -> Flask:
     @app.get("/bus-stats")
     def bus_stats() -> dict[str, Any]:
         es.runtime().ensure_started()
-        return es.bus().stats()
+        stats = es.stats()
+        # The bus's counters, plus the work the notifications caused: fetches made so far, and
+        # shared keys whose refresh is still queued or fetching.
+        return {**es.bus().stats(), "fetches": stats["fetches"], "refreshing": stats["shared_refreshing"]}
 
     return app
 

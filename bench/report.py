@@ -185,13 +185,20 @@ def _routing(result: dict[str, Any]) -> str:
     for r in rows_in:
         g = r["routing"]
         rows.append([r["server"], str(g["notifications"]), " ".join(f"{s:.0%}" for s in g["received_share"]),
-                     _f(g["cluster_per_s"], ".0f"), _f(g["cpu_us_per_notification"]), _f(g["seconds"], ".2f"),
-                     _ratio(g["cluster_per_s"], entity.get("cluster_per_s"))])
+                     _f(g["cluster_per_s"], ".0f"), _ratio(g["cluster_per_s"], entity.get("cluster_per_s")),
+                     _f(g.get("capacity_per_s"), ".0f"), _ratio(g.get("capacity_per_s"), entity.get("capacity_per_s")),
+                     _f(g["cpu_us_per_notification"]), _f(g.get("redis_cpu_us_per_notification")),
+                     _f(g.get("fetches_per_notification"), ".2f"), _f(g["seconds"], ".2f"),
+                     " ".join(f"{rate / 1000:.0f}k" for rate in g.get("runs_per_s", []))])
     return table("h. routing: 4 servers on one Redis (or a Redis Cluster of 3 masters), each server's clients hold"
-                 " 1,000 of 4,000 keys; notifications"
-                 " of random keys published into Redis (CPU: all four workers, per notification)",
-                 ["server", "notifications", "share each server received", "cluster notif/s", "CPU us/notif",
-                  "seconds", "vs entity"], rows)
+                 " 1,000 of 4,000 keys; notifications of random keys published into Redis; timed until every"
+                 " server has taken in its notifications and finished their refreshes; the median of the bursts"
+                 " (every burst's rate in the last column). capacity: notifications"
+                 " / the busiest worker's CPU seconds (the rate with a core per server). CPU: all four workers,"
+                 " per notification; Redis: the Redis servers' CPU per notification",
+                 ["server", "notifications", "share each server received", "cluster notif/s", "vs entity",
+                  "capacity/s", "vs entity", "CPU us/notif", "Redis us/notif", "fetches/notif", "seconds",
+                  "bursts notif/s"], rows)
 
 
 def _redis_cost(result: dict[str, Any]) -> str:

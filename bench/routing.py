@@ -11,10 +11,23 @@ sends them to (what :class:`~entitysync_sync.Publisher` does, without its
 de-duplicating buffer, so every one of the 20,000 is sent): the entity
 channel, or the key's own channel.
 
-Measured: what share of the notifications each server takes in, how long the
+The burst is repeated (``--routing-repeats``, 3 by default) on the same
+servers, each time once the last has been finished, and the burst of median
+duration is the routing's row; the rate of every burst is kept beside it.
+Measured: what share of the notifications each server takes in; how long the
 cluster takes until every server has taken in all that were routed to it
-(the cluster's notifications per second), and the servers' CPU per
-notification.
+*and* has finished the work they caused (no shared refresh queued or
+fetching), which gives the cluster's notifications per second; the servers'
+CPU per notification; the fetches the servers made per notification (below
+1 where notifications of one key arrive while its refresh still waits, and
+are coalesced into it); and the Redis servers' CPU per notification.
+
+Here the four workers, Redis and this load client share the machine's
+cores, so the wall-clock rate also counts Redis's and the publisher's work
+and each worker's wait for a core. Deployed, each server has cores of its
+own, and the cluster's rate is set by its busiest worker: the row's
+``capacity_per_s`` is that figure, the notifications divided by the largest
+worker CPU time of the run.
 """
 
 from __future__ import annotations
@@ -81,8 +94,6 @@ async def measure(routing: str, args: argparse.Namespace, cluster: list[int] | N
                      json.dumps({"entity": "shared", "id": f"k{i}"}, separators=(",", ":")).encode()) for i in ids]
         expected = [len(ids) if routing == "entity" else sum(1 for i in ids if i // KEYS_PER_SERVER == n)
                     for n in range(SERVERS)]
-        before = [(await server.get_json("/bus-stats")).get("received", 0) for server, _ in servers]
-        cpu0 = [cpu_seconds(server.worker_pid) for server, _ in servers]
         # The commands are encoded beforehand and written in one go, so the publisher's own CPU
         # (one Python process on the same machine) stays out of the servers' figures. On the
         # cluster each master gets the SPUBLISH commands of the keys whose slot it serves.
@@ -106,30 +117,56 @@ async def measure(routing: str, args: argparse.Namespace, cluster: list[int] | N
                         raise ConnectionError("Redis closed the connection")
                     replies += chunk.count(b"\r\n")
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(asyncio.to_thread(publish, port) for port in wires))
-        published = time.perf_counter() - t0
-        deadline = time.monotonic() + WAIT
-        received = [0] * SERVERS
-        while True:
-            for n, (server, _) in enumerate(servers):
-                received[n] = (await server.get_json("/bus-stats")).get("received", 0) - before[n]
-            if all(r >= e for r, e in zip(received, expected, strict=True)):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"servers received {received} of {expected}")
-            await asyncio.sleep(0.01)
-        elapsed = time.perf_counter() - t0
-        cpu = [cpu_seconds(server.worker_pid) - c for (server, _), c in zip(servers, cpu0, strict=True)]
-        bus.close()
-        row["routing"] = {
-            "notifications": len(ids),
-            "received_share": [r / len(ids) for r in received],
-            "publish_seconds": published,
-            "seconds": elapsed,
-            "cluster_per_s": len(ids) / elapsed,
-            "cpu_us_per_notification": sum(cpu) / len(ids) * 1e6,
-        }
+        redis_pids = [_redis_pid(port) for port in (cluster or [6379])]
+
+        async def burst() -> dict[str, Any]:
+            """Publish the notifications; wait until every server took in its share and finished."""
+            stats0 = [await server.get_json("/bus-stats") for server, _ in servers]
+            before = [stats.get("received", 0) for stats in stats0]
+            redis0 = [cpu_seconds(pid) for pid in redis_pids]
+            cpu0 = [cpu_seconds(server.worker_pid) for server, _ in servers]
+            t0 = time.perf_counter()
+            await asyncio.gather(*(asyncio.to_thread(publish, port) for port in wires))
+            published = time.perf_counter() - t0
+            deadline = time.monotonic() + WAIT
+            received = [0] * SERVERS
+            fetches = [0] * SERVERS
+            while True:
+                busy = False
+                for n, (server, _) in enumerate(servers):
+                    stats = await server.get_json("/bus-stats")
+                    received[n] = stats.get("received", 0) - before[n]
+                    fetches[n] = stats["fetches"] - stats0[n]["fetches"]
+                    busy = busy or stats["refreshing"] > 0
+                if not busy and all(r >= e for r, e in zip(received, expected, strict=True)):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"servers received {received} of {expected}")
+                await asyncio.sleep(0.01)
+            elapsed = time.perf_counter() - t0
+            cpu = [cpu_seconds(server.worker_pid) - c for (server, _), c in zip(servers, cpu0, strict=True)]
+            redis_cpu = sum(cpu_seconds(pid) - c for pid, c in zip(redis_pids, redis0, strict=True))
+            return {
+                "notifications": len(ids),
+                "received_share": [r / len(ids) for r in received],
+                "publish_seconds": published,
+                "seconds": elapsed,
+                "cluster_per_s": len(ids) / elapsed,
+                "cpu_us_per_notification": sum(cpu) / len(ids) * 1e6,
+                "busiest_worker_cpu_seconds": max(cpu),
+                "capacity_per_s": len(ids) / max(cpu),
+                "fetches_per_notification": sum(fetches) / len(ids),
+                "redis_cpu_us_per_notification": redis_cpu / len(ids) * 1e6,
+            }
+
+        try:
+            runs = [await burst() for _ in range(args.routing_repeats)]
+        finally:
+            bus.close()
+        # The run of median duration stands for the routing; every run's rate is kept beside it.
+        runs.sort(key=lambda run: run["seconds"])
+        row["routing"] = {**runs[len(runs) // 2], "runs_per_s": [run["cluster_per_s"] for run in runs],
+                          "runs_capacity_per_s": [run["capacity_per_s"] for run in runs]}
     return row
 
 
@@ -140,6 +177,17 @@ async def wait_stat(server: Server, name: str, value: int, timeout: float = 30) 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{name} never reached {value}")
         await asyncio.sleep(0.05)
+
+
+def _redis_pid(port: int) -> int:
+    """The pid of the Redis server on ``port`` (``INFO server``'s ``process_id``)."""
+    import redis
+
+    client = redis.Redis(port=port)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
 
 
 def _slot_owners(port: int) -> list[int]:
