@@ -186,8 +186,16 @@ def decode_client_frame(data: str | bytes) -> ClientMessage:
 
 
 def encode_key(key: EntityKey) -> str:
-    """``{"entity":"items","id":"100"}`` as compact JSON text."""
-    return _dumps({"entity": key.entity, "id": key.id})
+    """``{"entity":"items","id":"100"}`` as compact JSON text.
+
+    Built directly, as it is once per fetch: an entity name needs no escaping,
+    and a valid id has no control characters, so only ``"`` and ``\\`` would
+    (those ids go through the JSON encoder).
+    """
+    id = key.id
+    if '"' in id or "\\" in id:
+        return _dumps({"entity": key.entity, "id": id})
+    return f'{{"entity":"{key.entity}","id":"{id}"}}'
 
 
 def result_version(result: FetchResult) -> str:

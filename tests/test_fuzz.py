@@ -61,6 +61,13 @@ def test_any_text_or_bytes_decodes_or_raises_a_protocol_error(data: str | bytes)
     _check(data)
 
 
+@settings(max_examples=1500, deadline=None)
+@given(st.text(min_size=1, max_size=80).filter(str.isprintable))
+def test_any_valid_id_is_encoded_in_a_key_exactly_as_the_json_encoder_would(id: str) -> None:
+    text = p.encode_key(EntityKey("items", id))
+    assert text == json.dumps({"entity": "items", "id": id}, ensure_ascii=False, separators=(",", ":"))
+
+
 def _hostile_frames(rng: random.Random, uid: str, n: int) -> list[str | bytes]:
     """Valid frames, mutations of them, random JSON, random bytes and oversized frames."""
     valid = [

@@ -152,3 +152,12 @@ def test_bad_bus_bodies_raise(body: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         p.decode_bus_body(body)
     assert info.value.code == "bad_message"
+
+
+@pytest.mark.parametrize("id", ["100", "a b", 'say "hi"', "back\\slash", "ünïcødé ✓", "😀", "x" * 200, "'", "/"])
+@pytest.mark.parametrize("entity", ["items", "a.b-c_D9"])
+def test_a_key_is_encoded_exactly_as_the_json_encoder_would(entity: str, id: str) -> None:
+    key = EntityKey(entity, id)
+    text = p.encode_key(key)
+    assert text == json.dumps({"entity": entity, "id": id}, ensure_ascii=False, separators=(",", ":"))
+    assert json.loads(text) == {"entity": entity, "id": id}
