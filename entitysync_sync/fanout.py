@@ -183,13 +183,15 @@ class Fanout:
         with self._lock:
             waiters = self._waiters.pop(key, [])
             broadcast = flight.broadcast
-            # Subscribers are read after the fetch, so one that subscribed meanwhile gets it too.
-            if shared.error is None and not flight.again and hub.subscribers(key):
+            # Subscribers are read after the fetch, so one that subscribed meanwhile gets it too;
+            # one that subscribes after this read finds the frames cached.
+            subscribers = hub.subscribers(key)
+            if shared.error is None and not flight.again and subscribers:
                 self._uncache(key)
                 self._store(shared)
         if broadcast:
             if self._after_fetch(key, hub, shared.error):
-                for conn in hub.subscribers(key):
+                for conn in subscribers:
                     conn.push_shared(shared)
             elif waiters:  # new subscribers hear of a failure the others heard of already
                 for conn in waiters:
