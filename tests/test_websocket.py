@@ -63,7 +63,7 @@ def test_several_subscriptions_per_client_route_by_key(server: Server, clients, 
     client = clients(server.ws_url)
     ids = [f"{uid}-{n}" for n in range(3)]
     for id in ids:
-        server.set("items", id, "v0")
+        server.set_quietly("items", id, "v0")
         client.subscribe("items", id)
         client.expect_push("items", id)
     server.set("items", "not-subscribed-" + uid, "x")
@@ -75,7 +75,7 @@ def test_several_subscriptions_per_client_route_by_key(server: Server, clients, 
 
 def test_multi_row_fetch_sends_the_whole_set_in_one_push(server: Server, clients, uid: str) -> None:
     client = clients(server.ws_url)
-    server.set("multi", uid, "m")
+    server.set_quietly("multi", uid, "m")
     client.subscribe("multi", uid)
     frame = client.expect(is_push("multi", uid))
     assert "body" not in frame
@@ -98,7 +98,7 @@ def test_rows_use_the_app_json_provider_and_preencoded_rows_go_verbatim(
 
 
 def test_deleted_row_sends_gone(server: Server, clients, uid: str) -> None:
-    server.set("items", uid, "here")
+    server.set_quietly("items", uid, "here")
     client = clients(server.ws_url)
     client.subscribe("items", uid)
     client.expect_push("items", uid)
@@ -173,7 +173,7 @@ def test_identify_raising_closes_the_connection_with_1011(server: Server, client
 
 def test_unsubscribe_stops_pushes(server: Server, clients, uid: str) -> None:
     client = clients(server.ws_url)
-    server.set("items", uid, 1)
+    server.set_quietly("items", uid, 1)
     client.subscribe("items", uid)
     client.expect_push("items", uid)
     client.unsubscribe("items", uid, ref="u")
@@ -267,7 +267,7 @@ def test_too_many_subscriptions(servers: ServerPool, clients, kind: str, uid: st
 
 def test_without_push_on_subscribe_only_changes_are_pushed(servers: ServerPool, clients, kind: str, uid: str) -> None:
     server = servers.get(kind, ENTITYSYNC_MAX_SUBSCRIPTIONS=2, ENTITYSYNC_PUSH_ON_SUBSCRIBE=False)
-    server.set("items", uid, "before")
+    server.set_quietly("items", uid, "before")
     client = clients(server.ws_url)
     client.subscribe("items", uid, ref=1)
     assert client.recv() == {"action": "ack", "ref": 1}
@@ -278,7 +278,7 @@ def test_without_push_on_subscribe_only_changes_are_pushed(servers: ServerPool, 
 
 def test_raw_mode_speaks_like_the_seed(servers: ServerPool, clients, kind: str, uid: str) -> None:
     server = servers.get(kind, ENTITYSYNC_ENVELOPE=False)
-    server.set("whoami", uid, "v1")
+    server.set_quietly("whoami", uid, "v1")
     client = clients(server.ws_url)
     # Exactly the seed's three frames.
     client.send('{"action":"secret","body":"my-secret"}')
