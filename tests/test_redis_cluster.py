@@ -185,6 +185,7 @@ def test_servers_on_the_cluster_receive_only_the_keys_their_clients_hold(
 def _shard_servers(redis_cluster: RedisClusterNodes, cluster: Callable[..., Server], uid: str,
                    kinds: tuple[str, ...] = ("gunicorn", "flask")) -> tuple[list[Server], dict[int, str], list[Client]]:
     """Servers of ``kinds`` on the cluster, and a client of each holding one key per shard."""
+    redis_cluster.wait_healthy()  # replicas in sync: a test may kill a master
     url = redis_cluster.url(query="unsubscribe_delay=0")
     servers = [cluster(kind, redis_cluster, url=url) for kind in kinds]
     shards = keys_by_master(redis_cluster, uid + "_", [f"{uid}-{n}" for n in range(30)])

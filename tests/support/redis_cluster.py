@@ -74,7 +74,9 @@ class RedisClusterNodes:
             [self.server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(node_dir), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-port", str(self.bus_ports[port]),
-             "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--logfile", str(node_dir / "redis.log")],
+             "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--logfile", str(node_dir / "redis.log"),
+             # A new replica's first sync starts at once, not after Redis's default 5 s wait.
+             "--repl-diskless-sync-delay", "0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         wait_for(lambda: redis_ping("127.0.0.1", port), message=f"redis-server on {port}")
 
@@ -142,9 +144,18 @@ class RedisClusterNodes:
         raise AssertionError(f"no master serves slot {slot}")
 
     def healthy(self, masters: int = 3) -> bool:
-        """Every running node says the cluster is ok, and ``masters`` masters serve all 16,384 slots."""
+        """Every running node says the cluster is ok, ``masters`` masters serve all 16,384 slots,
+        and every replica has finished syncing with its master.
+
+        The last matters to a test that then kills a master: a replica whose
+        first sync has not finished counts as disconnected from its master for
+        too long (``cluster-replica-validity-factor``) and never takes over.
+        """
         for port in self.procs:
             if "cluster_state:ok" not in command(port, "CLUSTER", "INFO"):
+                return False
+            replication = command(port, "INFO", "replication")
+            if "role:slave" in replication and "master_link_status:up" not in replication:
                 return False
         serving = self.masters()
         if len(serving) != masters or sum(last - first + 1 for ranges in serving.values()
