@@ -205,3 +205,29 @@ def test_memory_bus_warns_when_gunicorn_runs_several_workers(uid: str) -> None:
         assert "use a redis:// or nsq:// bus" in server.log().lower()
     finally:
         server.stop()
+
+
+def test_a_worker_stalled_past_the_ping_deadline_keeps_its_redis_subscription(cluster: Callable[..., Server],
+                                                                               uid: str) -> None:
+    """A worker stopped for longer than its reader's PING deadline (a long pause, a starved CPU)
+    finds the notification and the PONG waiting in its socket: it reads them and goes on, without
+    taking its connection for dead, reconnecting and refreshing every key."""
+    broker = make_broker("redis")
+    url = broker.url() + "?health_check_interval=0.5"  # nothing read for 2 s: dead
+    a = cluster("gunicorn", broker, url=url)
+    b = cluster("flask", broker, url=url)
+    seed(a, uid, "v0")
+    client = subscribed(Client(a.ws_url), a, "items", uid, "v0")
+    try:
+        before = a.stats()["bus"]
+        with a.stalled(2.5):  # idle: its PONG came before the stall, and no PING went out during it
+            pass
+        with a.stalled(2.5):
+            b.set("items", uid, "while-stalled")
+        until_pushed(client, "items", uid, "while-stalled")
+        after = a.stats()["bus"]
+        counts = ("connects", "reconnects")
+        assert [after.get(name, 0) for name in counts] == [before.get(name, 0) for name in counts]
+        assert "lost the subscription" not in a.log()
+    finally:
+        client.close()

@@ -183,10 +183,12 @@ def test_servers_on_the_cluster_receive_only_the_keys_their_clients_hold(
 
 
 def _shard_servers(redis_cluster: RedisClusterNodes, cluster: Callable[..., Server], uid: str,
-                   kinds: tuple[str, ...] = ("gunicorn", "flask")) -> tuple[list[Server], dict[int, str], list[Client]]:
-    """Servers of ``kinds`` on the cluster, and a client of each holding one key per shard."""
+                   kinds: tuple[str, ...] = ("gunicorn", "flask"),
+                   query: str = "") -> tuple[list[Server], dict[int, str], list[Client]]:
+    """Servers of ``kinds`` on the cluster (URL options ``query`` besides ``unsubscribe_delay=0``),
+    and a client of each holding one key per shard."""
     redis_cluster.wait_healthy()  # replicas in sync: a test may kill a master
-    url = redis_cluster.url(query="unsubscribe_delay=0")
+    url = redis_cluster.url(query="&".join(filter(None, ("unsubscribe_delay=0", query))))
     servers = [cluster(kind, redis_cluster, url=url) for kind in kinds]
     shards = keys_by_master(redis_cluster, uid + "_", [f"{uid}-{n}" for n in range(30)])
     by_master = {port: ids[0] for port, ids in shards.items()}
@@ -257,3 +259,28 @@ def test_a_shard_failing_over_to_its_replica_every_client_converges(redis_cluste
         if port not in redis_cluster.procs:
             redis_cluster.start(port)  # back as a replica of the promoted one
         redis_cluster.wait_healthy()
+
+
+def test_a_worker_stalled_past_the_ping_deadline_keeps_its_shard_subscriptions(redis_cluster: RedisClusterNodes,
+                                                                                cluster: Callable[..., Server],
+                                                                                uid: str) -> None:
+    """As on one Redis: a worker stopped for longer than its PING deadline keeps the connection
+    to every master, those with notifications waiting in their sockets and the idle ones."""
+    # Nothing read for 2 s after a PING: dead.
+    servers, by_master, clients = _shard_servers(redis_cluster, cluster, uid, kinds=("flask", "gunicorn"),
+                                                 query="health_check_interval=0.5")
+    a, b = servers
+    moved = next(iter(by_master.values()))
+    try:
+        assert a.stats()["bus"]["nodes"] == 3
+        before = a.stats()["bus"]
+        with a.stalled(2.5):
+            b.set("items", moved, "while-stalled")  # one master has a message waiting, two are idle
+        until_pushed(clients[0], "items", moved, "while-stalled")
+        after = a.stats()["bus"]
+        counts = ("node_failures", "reconnects")
+        assert [after.get(name, 0) for name in counts] == [before.get(name, 0) for name in counts]
+        assert "lost the subscriptions" not in a.log()
+    finally:
+        for client in clients:
+            client.close()

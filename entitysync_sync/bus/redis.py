@@ -96,8 +96,9 @@ class RedisBus(BufferedBus):
         ``rediss://`` for TLS; query options such as ``socket_timeout`` are
         passed to redis-py.
     :param health_check_interval: seconds between the reader's PINGs; a
-        connection that answers none for two intervals (and a second) is
-        replaced; ``?health_check_interval=`` in the URL.
+        connection from which nothing (no message, no PONG) can be read for
+        two intervals and a second is replaced; ``?health_check_interval=`` in
+        the URL.
     :param retry_max: the longest pause, in seconds, between two reconnection
         or publishing attempts; ``?max_backoff=`` in the URL.
     :param routing: ``"entity"`` (every server receives every key of its
@@ -306,10 +307,15 @@ class RedisBus(BufferedBus):
 
     def _read(self, pubsub: Any) -> None:
         waiting: dict[bytes, str] = {}  # channel -> entity, until Redis confirms the subscription
-        # A PING every interval, and a connection that answers none of two is dead:
-        # a vanished host leaves a half-open socket that would never raise.
+        # A PING every interval, and a connection from which nothing at all (no message, no
+        # PONG) can be read for two intervals and a second after a PING is dead: a vanished
+        # host leaves a half-open socket that would never raise. Anything read answers, and
+        # only a read that finds nothing counts against the connection, so a backlog of
+        # messages ahead of the PONG, or this process stalled (by a long pause or a starved
+        # CPU, sending no PING meanwhile), is no death.
         ping_interval = self.health_check_interval
-        last_pong = next_ping = time.monotonic()
+        next_ping = time.monotonic()
+        unanswered: float | None = None  # when the first PING not followed by anything was sent
         by_key = self.routing == "key"
         subscribed: set[bytes] = set()  # key channels subscribed on this connection
         # With key routing the reader looks for changed keys at most 10 times a second, so a
@@ -335,18 +341,24 @@ class RedisBus(BufferedBus):
                 subscribed.update(add)
                 subscribed.difference_update(drop)
             now = time.monotonic()
-            if now - last_pong > 2 * ping_interval + 1:
-                raise self._redis.ConnectionError(f"no answer to PING for {now - last_pong:.0f}s")
             if now >= next_ping:
                 pubsub.ping(_PING)
                 next_ping = now + ping_interval
+                if unanswered is None:
+                    unanswered = now
             message = pubsub.get_message(timeout=poll)
             if message is None:
-                continue
+                if unanswered is None or time.monotonic() - unanswered <= 2 * ping_interval + 1:
+                    continue
+                # Past the deadline; but a process that was stalled may have been woken by its
+                # timeout before its socket's data: look once more, without waiting.
+                message = pubsub.get_message(timeout=0)
+                if message is None:
+                    raise self._redis.ConnectionError(
+                        f"nothing received, not even a PONG, for {time.monotonic() - unanswered:.0f}s after a PING")
+            unanswered = None
             kind = message["type"]
-            if kind == "pong":
-                last_pong = time.monotonic()
-            elif kind == "message":
+            if kind == "message":
                 self._received(message["data"])
             elif kind == "subscribe":
                 entity = waiting.pop(message["channel"], None)

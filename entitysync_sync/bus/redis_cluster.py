@@ -539,7 +539,10 @@ class RedisClusterBus(RedisBus):
 
     def _serve(self, node: _Node, connection: _Connection) -> None:
         entity_channels: dict[bytes, str] = {}
-        last_pong = next_ping = time.monotonic()
+        # As on one Redis: dead once nothing at all could be read for two PING intervals and a
+        # second after a PING, judged only when a read finds nothing (a backlog or a stall is no death).
+        next_ping = time.monotonic()
+        unanswered: float | None = None  # when the first PING not followed by anything was sent
         interval = self.health_check_interval
         while not self.closed and not node.stopped:
             with self._pending_lock:
@@ -563,18 +566,25 @@ class RedisClusterBus(RedisBus):
                 commands.extend((command, *group) for group in by_slot.values())
                 self.counters[f"key_{command[1:].lower()}_commands"] += len(by_slot)
             now = time.monotonic()
-            if now - last_pong > 2 * interval + 1:
-                raise ConnectionError(f"no answer to PING for {now - last_pong:.0f}s")
             if now >= next_ping:
                 commands.append(("PING",))
                 next_ping = now + interval
+                if unanswered is None:
+                    unanswered = now
             if commands:
                 connection.send(commands)
             reply = connection.read(KEY_BATCH_INTERVAL)
+            if reply is None:
+                if unanswered is None or time.monotonic() - unanswered <= 2 * interval + 1:
+                    continue
+                reply = connection.read(0)  # a stalled process may be woken by its timeout first
+                if reply is None:
+                    raise ConnectionError(f"nothing received, not even a PONG, for "
+                                          f"{time.monotonic() - unanswered:.0f}s after a PING")
+            unanswered = None
             until = time.monotonic() + DRAIN_SECONDS
             while reply is not None:
-                if self._handle(node, reply, entity_channels):
-                    last_pong = time.monotonic()
+                self._handle(node, reply, entity_channels)
                 if time.monotonic() >= until:
                     # A flood of messages must not hold up new subscriptions and PINGs, nor, under
                     # gevent, the other greenlets: reading more never waits while data is there.
@@ -582,20 +592,18 @@ class RedisClusterBus(RedisBus):
                     break
                 reply = connection.read(0)
 
-    def _handle(self, node: _Node, reply: Any, entity_channels: dict[bytes, str]) -> bool:
-        """Act on one reply of ``node``; True for a PONG."""
+    def _handle(self, node: _Node, reply: Any, entity_channels: dict[bytes, str]) -> None:
+        """Act on one reply of ``node``."""
         if isinstance(reply, _Error):
             raise NodeError(str(reply)[:200])
         if not isinstance(reply, list):
-            return bool(reply == "PONG")
+            return
         kind = reply[0]
         if kind in (b"smessage", b"message"):
             self._received(reply[2])
         elif kind in (b"slave", b"replica"):  # ROLE: this node no longer owns the slots
             self.counters["replica_answers"] += 1
             raise NodeError(f"{node.name} is a replica now")
-        elif kind == b"pong":
-            return True
         elif kind == b"ssubscribe":
             with self._pending_lock:
                 placed = reply[1] in node.channels
@@ -614,7 +622,6 @@ class RedisClusterBus(RedisBus):
             if entity is not None:
                 self._recovered()
                 self._connected(entity)
-        return False
 
     def _recovered(self) -> None:
         """A subscription is confirmed: once every channel is placed again, failures start over."""

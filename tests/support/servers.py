@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tests.support.waiting import wait_for
 
@@ -85,6 +88,29 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @contextmanager
+    def stalled(self, seconds: float) -> Iterator[None]:
+        """Stop the server's processes (a gunicorn worker too) with SIGSTOP, run the block, and
+        resume them once ``seconds`` have passed since the stop.
+
+        It stands for a long garbage-collection pause or a host that gives the
+        worker no CPU: the stall's length is what is tested, so it is waited
+        out here, not polled for.
+        """
+        pids = [self.proc.pid, *_descendants(self.proc.pid)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        resume_at = time.monotonic() + seconds
+        try:
+            yield
+            time.sleep(max(0.0, resume_at - time.monotonic()))
+        finally:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+
     def post(self, path: str, body: Any = None) -> Any:
         data = json.dumps(body if body is not None else {}).encode()
         req = urllib.request.Request(self.http + path, data=data, method="POST",
@@ -144,3 +170,20 @@ class ServerPool:
                 server.proc.terminate()
         for server in self.servers.values():
             server.stop()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``, read from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
