@@ -86,6 +86,7 @@ PING_CONFIG = {"ENTITYSYNC_PING_INTERVAL": 0.3}
 def test_a_client_that_answers_no_ping_is_closed_and_forgotten(servers: ServerPool, kind: str, uid: str) -> None:
     server = servers.get(kind, **PING_CONFIG)
     wait_for(lambda: server.stats()["connections"] == 0, message="no connections left from other tests")
+    timeouts_before = server.log().count("ping timeout")
     answering = Client(server.ws_url)
     silent = websocket.create_connection(server.ws_url, timeout=10)  # never reads, so never answers
     received: list[Any] = []
@@ -103,7 +104,10 @@ def test_a_client_that_answers_no_ping_is_closed_and_forgotten(servers: ServerPo
     try:
         answering.subscribe("items", uid)
         silent.send(json.dumps({"action": "subscribe", "body": {"entity": "items", "id": uid}}))
-        wait_for(lambda: server.stats()["connections"] == 1, message="the silent client to be closed")
+        # Waiting for one connection alone could end before the server had even registered the
+        # silent one (a handshake completes first): wait for its close to be logged.
+        wait_for(lambda: server.log().count("ping timeout") > timeouts_before, message="the silent client to be closed")
+        wait_for(lambda: server.stats()["connections"] == 1, message="only the answering client left")
         assert server.stats()["subscriptions"] == 1
         rounds = server.stats()["heartbeats"]
         wait_for(lambda: server.stats()["heartbeats"] >= rounds + 3, message="three more rounds of pings")
