@@ -213,16 +213,16 @@ def test_a_worker_stalled_past_the_ping_deadline_keeps_its_redis_subscription(cl
     finds the notification and the PONG waiting in its socket: it reads them and goes on, without
     taking its connection for dead, reconnecting and refreshing every key."""
     broker = make_broker("redis")
-    url = broker.url() + "?health_check_interval=0.5"  # nothing read for 2 s: dead
+    url = broker.url() + "?health_check_interval=0.25"  # nothing read for 1.5 s after a PING: dead
     a = cluster("gunicorn", broker, url=url)
     b = cluster("flask", broker, url=url)
     seed(a, uid, "v0")
     client = subscribed(Client(a.ws_url), a, "items", uid, "v0")
     try:
         before = a.stats()["bus"]
-        with a.stalled(2.5):  # idle: its PONG came before the stall, and no PING went out during it
+        with a.stalled(2.0):  # idle: its PONG came before the stall, and no PING went out during it
             pass
-        with a.stalled(2.5):
+        with a.stalled(2.0):
             b.set("items", uid, "while-stalled")
         until_pushed(client, "items", uid, "while-stalled")
         after = a.stats()["bus"]

@@ -266,15 +266,15 @@ def test_a_worker_stalled_past_the_ping_deadline_keeps_its_shard_subscriptions(r
                                                                                 uid: str) -> None:
     """As on one Redis: a worker stopped for longer than its PING deadline keeps the connection
     to every master, those with notifications waiting in their sockets and the idle ones."""
-    # Nothing read for 2 s after a PING: dead.
+    # Nothing read for 1.5 s after a PING: dead.
     servers, by_master, clients = _shard_servers(redis_cluster, cluster, uid, kinds=("flask", "gunicorn"),
-                                                 query="health_check_interval=0.5")
+                                                 query="health_check_interval=0.25")
     a, b = servers
     moved = next(iter(by_master.values()))
     try:
         assert a.stats()["bus"]["nodes"] == 3
         before = a.stats()["bus"]
-        with a.stalled(2.5):
+        with a.stalled(2.0):
             b.set("items", moved, "while-stalled")  # one master has a message waiting, two are idle
         until_pushed(clients[0], "items", moved, "while-stalled")
         after = a.stats()["bus"]
