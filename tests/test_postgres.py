@@ -243,10 +243,15 @@ def test_an_id_change_notifies_the_old_and_the_new_key(pg_cluster: dict[str, Ser
             client.subscribe("items", new)
             client.expect(is_gone("items", new))
         pg_schema.pg.execute(f"UPDATE {pg_schema.table} SET id = %s WHERE id = %s", (new, old))
+        # The two keys' refreshes may reach a client in either order, and expect() passes over
+        # frames that do not match: wait for both in one read.
         for client in clients:
-            client.expect(is_gone("items", old))
-        for client in clients:
-            until_pushed(client, "items", new, "v")
+            answers: dict[str, Any] = {}
+            while len(answers) < 2:
+                frame = client.expect(lambda f: is_gone("items", old)(f) or (
+                    f.get("action") == "push" and f["key"] == {"entity": "items", "id": new}
+                    and f["body"].get("value") == "v"), timeout=15)
+                answers[frame["action"]] = frame
     finally:
         for client in clients:
             client.close()
