@@ -27,6 +27,7 @@ from __future__ import annotations
 import binascii
 import json
 import math
+import re
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
@@ -360,3 +361,29 @@ def decode_bus_body(body: bytes | str) -> EntityKey | ResyncRequest:
     if isinstance(sent, (int, float)) and not isinstance(sent, bool) and math.isfinite(sent):
         return NotifiedKey.stamp(key, sent)
     return key
+
+
+#: A JSON number, exactly as the JSON grammar has it (``float`` alone would also take ``1_0`` or ``inf``).
+_NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+def decode_key_body(body: bytes, key: EntityKey) -> EntityKey | ResyncRequest:
+    """Read a bus body that should name ``key``: what :func:`decode_bus_body` gives, faster.
+
+    With key routing a channel carries one key, so the body its publishers
+    write is known but for its ``"t"``: the bodies :func:`encode_bus_body`
+    writes for ``key`` (with or without ``"t"``) are recognised by their bytes
+    and read without a JSON parse. Any other body, another key's included, is
+    read by :func:`decode_bus_body`, so the result is the same either way.
+    """
+    head = encode_key(key).encode()
+    if body == head:
+        return key
+    cut = len(head) - 1  # the head without its closing brace
+    if body.startswith(b',"t":', cut) and body.endswith(b"}") and body.startswith(head[:cut]):
+        number = body[cut + 5:-1]
+        if _NUMBER.fullmatch(number):
+            sent = float(number)
+            if math.isfinite(sent):
+                return NotifiedKey.stamp(key, sent)
+    return decode_bus_body(body)

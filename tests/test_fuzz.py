@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from entitysync_sync import EntityKey
 from entitysync_sync import protocol as p
 from entitysync_sync.exceptions import ProtocolError
+from entitysync_sync.keys import NotifiedKey
 from tests.support.clients import Client
 from tests.support.servers import ServerPool
 from tests.support.waiting import wait_for
@@ -66,6 +67,26 @@ def test_any_text_or_bytes_decodes_or_raises_a_protocol_error(data: str | bytes)
 def test_any_valid_id_is_encoded_in_a_key_exactly_as_the_json_encoder_would(id: str) -> None:
     text = p.encode_key(EntityKey("items", id))
     assert text == json.dumps({"entity": "items", "id": id}, ensure_ascii=False, separators=(",", ":"))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.text(min_size=1, max_size=40).filter(str.isprintable),
+       st.none() | st.floats(allow_nan=False, allow_infinity=False), st.binary(max_size=24))
+def test_a_key_channel_body_is_read_as_the_json_parse_reads_it(id: str, sent: float | None, tail: bytes) -> None:
+    """The fast reading of a key channel's bodies: a publisher's own body, and that body's head
+    followed by any bytes, read exactly as :func:`decode_bus_body` reads them."""
+    key = EntityKey("items", id)
+    body = p.encode_bus_body(key if sent is None else NotifiedKey.stamp(key, sent))
+    for candidate in (body, body[:-1] + tail, p.encode_key(key).encode()[:-1] + b',"t":' + tail):
+        try:
+            want: Any = p.decode_bus_body(candidate)
+        except ProtocolError:
+            with pytest.raises(ProtocolError):
+                p.decode_key_body(candidate, key)
+            continue
+        got = p.decode_key_body(candidate, key)
+        assert (type(got), got, getattr(got, "notified_at", None)) == \
+            (type(want), want, getattr(want, "notified_at", None))
 
 
 def _hostile_frames(rng: random.Random, uid: str, n: int) -> list[str | bytes]:

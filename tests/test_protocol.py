@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
 from entitysync_sync import EntityKey, ProtocolError
 from entitysync_sync import protocol as p
+from entitysync_sync.keys import NotifiedKey
 
 
 def test_the_three_seed_frames_decode() -> None:
@@ -152,6 +154,52 @@ def test_bad_bus_bodies_raise(body: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         p.decode_bus_body(body)
     assert info.value.code == "bad_message"
+
+
+def _same_reading(body: bytes, key: EntityKey) -> None:
+    """``decode_key_body(body, key)`` reads ``body`` exactly as ``decode_bus_body`` does, or raises as it does."""
+    try:
+        want: Any = p.decode_bus_body(body)
+    except ProtocolError as exc:
+        with pytest.raises(ProtocolError) as info:
+            p.decode_key_body(body, key)
+        assert info.value.code == exc.code
+        return
+    got = p.decode_key_body(body, key)
+    assert (type(got), got, getattr(got, "notified_at", None)) == (type(want), want, getattr(want, "notified_at", None))
+
+
+KEY_BODIES = [
+    b'{"entity":"items","id":"100"}', b'{"entity":"items","id":"100","t":1732912345.123}',
+    b'{"entity":"items","id":"100","t":17}', b'{"entity":"items","id":"100","t":-0.5e3}',
+    b'{"entity":"items","id":"100","t":1E+2}', b'{"entity":"items","id":"100","t":1_0}',
+    b'{"entity":"items","id":"100","t":01}', b'{"entity":"items","id":"100","t":1.}',
+    b'{"entity":"items","id":"100","t":1e999}', b'{"entity":"items","id":"100","t":NaN}',
+    b'{"entity":"items","id":"100","t":Infinity}', b'{"entity":"items","id":"100","t":"1"}',
+    b'{"entity":"items","id":"100","t":true}', b'{"entity":"items","id":"100","t":}',
+    b'{"entity":"items","id":"100","t":5}}', b'{"entity":"items","id":"100","t":5,"x":1}',
+    b'{"entity":"items","id":"100","t": 5}', b'{"entity":"items","id":"1000"}', b'{"entity":"items","id":"101"}',
+    b'{"entity":"items","id":"100" }', b'{"id":"100","entity":"items"}', b'{"entity":"items","resync":true}',
+    b'{"entity":"items","id":"100"', b"", b"\xff",
+]
+
+
+@pytest.mark.parametrize("body", KEY_BODIES)
+def test_a_body_on_a_key_channel_is_read_as_the_json_parse_reads_it(body: bytes) -> None:
+    _same_reading(body, EntityKey("items", "100"))
+
+
+def test_the_bodies_a_publisher_writes_for_a_key_are_read_without_a_json_parse(monkeypatch: Any) -> None:
+    key = EntityKey("items", "100")
+    stamped = NotifiedKey.stamp(key, 1732912345.123)
+
+    def no_parse(body: Any) -> Any:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(p, "decode_bus_body", no_parse)
+    assert p.decode_key_body(p.encode_bus_body(key), key) == key
+    got = p.decode_key_body(p.encode_bus_body(stamped), key)
+    assert isinstance(got, NotifiedKey) and got.notified_at == 1732912345.123
 
 
 @pytest.mark.parametrize("id", ["100", "a b", 'say "hi"', "back\\slash", "ünïcødé ✓", "😀", "x" * 200, "'", "/"])

@@ -14,6 +14,8 @@ import pytest
 from entitysync_sync import ConfigError, EntityKey
 from entitysync_sync.bus import bus_from_url
 from entitysync_sync.bus.redis import RedisBus
+from entitysync_sync.keys import NotifiedKey
+from entitysync_sync.protocol import encode_bus_body
 from tests.support.brokers import RedisBroker, make_broker
 from tests.support.clients import Client
 from tests.support.pushes import seed, subscribed, until_pushed
@@ -119,6 +121,27 @@ def test_a_foreign_publish_on_the_entity_channel_reaches_the_bus(buses: Any, red
     wait_for(lambda: sink.keys == [EntityKey("items", "foreign")], message="the foreign publish")
     redis_broker.publish_raw(f"{uid}items", b'{"entity":"items","resync":true}')
     wait_for(lambda: "items" in sink.resyncs[1:], message="the resync request")
+
+
+def test_a_key_channel_reads_its_own_bodies_fast_and_any_other_body_as_before(
+        buses: Any, redis_broker: RedisBroker, uid: str) -> None:
+    """A key channel's publishers' bodies keep their notify time; another key's body, or a bad one,
+    on that channel is read (or dropped) exactly as on an entity channel."""
+    bus, sink = buses(uid)
+    mine = EntityKey("items", "mine")
+    bus.watch(mine)
+    wait_for(lambda: sink.keys == [mine], message="the refresh once the key channel is confirmed")
+    channel = bus.key_channel(mine)
+    redis_broker.publish_raw(channel, encode_bus_body(NotifiedKey.stamp(mine, 1732912345.125)))
+    redis_broker.publish_raw(channel, b'{"entity":"items","id":"other","t":7}')
+    redis_broker.publish_raw(channel, b'{"entity":"items","id":"mine","t":1_0}')
+    redis_broker.publish_raw(channel, b'{"entity":"items","id":"mine"}')
+    wait_for(lambda: len(sink.keys) == 4, message="the three good bodies")
+    stamped, other, plain = sink.keys[1:]
+    assert isinstance(stamped, NotifiedKey) and (stamped, stamped.notified_at) == (mine, 1732912345.125)
+    assert isinstance(other, NotifiedKey) and (other, other.notified_at) == (EntityKey("items", "other"), 7)
+    assert plain == mine and not isinstance(plain, NotifiedKey)
+    assert bus.stats()["malformed"] == 1
 
 
 def test_key_channels_are_subscribed_again_and_refreshed_after_the_broker_restarts(buses: Any, uid: str) -> None:

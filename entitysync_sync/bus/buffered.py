@@ -231,9 +231,16 @@ class BufferedBus(Bus):
         """Hand one received body to the sink; log and drop anything that is not a key."""
         self._received_many((body,))
 
-    def _received_many(self, bodies: Sequence[bytes]) -> None:
+    def _received_on(self, body: bytes, key: EntityKey | None) -> None:
+        """Hand one body received on the channel of ``key`` (key routing; ``None`` for a channel
+        of no one key) to the sink: like :meth:`_received`, but the publishers' own bodies for
+        ``key`` are read without a JSON parse (:func:`~entitysync_sync.protocol.decode_key_body`)."""
+        self._received_many((body,), key)
+
+    def _received_many(self, bodies: Sequence[bytes], expected: EntityKey | None = None) -> None:
         """Hand the keys of many received bodies to the sink in one delivery, in order;
-        log and drop any body that is not a key."""
+        log and drop any body that is not a key. ``expected`` is the key every body should
+        name, when the channel they came on tells."""
         sink = self._sink
         if sink is None or self.closed:
             return
@@ -241,7 +248,7 @@ class BufferedBus(Bus):
         received = 0
         for body in bodies:
             try:
-                message = p.decode_bus_body(body)
+                message = p.decode_bus_body(body) if expected is None else p.decode_key_body(body, expected)
             except ProtocolError as exc:
                 self.counters["malformed"] += 1
                 log.warning("dropped a malformed %s bus message (%s): %r", self.kind, exc.message, body[:64])

@@ -359,7 +359,9 @@ class RedisBus(BufferedBus):
             unanswered = None
             kind = message["type"]
             if kind == "message":
-                self._received(message["data"])
+                # A key channel names its key (looked up without the lock: one dict lookup is
+                # atomic, and a body whose channel is no longer known is simply parsed).
+                self._received_on(message["data"], self._wanted.get(message["channel"]) if by_key else None)
             elif kind == "subscribe":
                 entity = waiting.pop(message["channel"], None)
                 if entity is None:

@@ -600,7 +600,7 @@ class RedisClusterBus(RedisBus):
             return
         kind = reply[0]
         if kind in (b"smessage", b"message"):
-            self._received(reply[2])
+            self._received_on(reply[2], self._wanted.get(reply[1]))  # a key channel names its key
         elif kind in (b"slave", b"replica"):  # ROLE: this node no longer owns the slots
             self.counters["replica_answers"] += 1
             raise NodeError(f"{node.name} is a replica now")
