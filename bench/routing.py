@@ -8,7 +8,8 @@ that each server's clients hold 1,000 of them (100 connections of 10 keys
 each per server). Then 20,000 notifications of random keys are published
 straight into Redis as ``PUBLISH`` commands written in one go on the channel each routing
 sends them to (what :class:`~entitysync_sync.Publisher` does, without its
-de-duplicating buffer, so every one of the 20,000 is sent): the entity
+de-duplicating buffer, so every one of the 20,000 is sent; each body stamped
+with its notify time, ``"t"``, as theirs are): the entity
 channel, or the key's own channel.
 
 The burst is repeated (``--routing-repeats``, 3 by default) on the same
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import socket
 import sys
@@ -62,6 +62,8 @@ async def measure(routing: str, args: argparse.Namespace, cluster: list[int] | N
     from entitysync_sync import EntityKey
     from entitysync_sync.bus.redis import RedisBus
     from entitysync_sync.bus.redis_cluster import key_slot
+    from entitysync_sync.keys import NotifiedKey
+    from entitysync_sync.protocol import encode_bus_body
 
     where = f", Redis Cluster of {len(cluster)} masters" if cluster else ""
     row: dict[str, Any] = {"server": f"entitysync shared, {SERVERS} servers{where}, routing={routing}"}
@@ -90,8 +92,10 @@ async def measure(routing: str, args: argparse.Namespace, cluster: list[int] | N
         rng = random.Random(20)
         ids = [rng.randrange(SERVERS * KEYS_PER_SERVER) for _ in range(args.routing_notifications)]
         bus = RedisBus(REDIS_URL, routing=routing)
+        # Each body stamped with its notify time, as notify() and the Publisher send it.
+        stamped = time.time()
         messages = [(bus.key_channel(EntityKey("shared", f"k{i}")) if routing == "key" else bus.topic("shared"),
-                     json.dumps({"entity": "shared", "id": f"k{i}"}, separators=(",", ":")).encode()) for i in ids]
+                     encode_bus_body(NotifiedKey.stamp(EntityKey("shared", f"k{i}"), stamped))) for i in ids]
         expected = [len(ids) if routing == "entity" else sum(1 for i in ids if i // KEYS_PER_SERVER == n)
                     for n in range(SERVERS)]
         # The commands are encoded beforehand and written in one go, so the publisher's own CPU
