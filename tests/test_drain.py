@@ -112,7 +112,7 @@ def test_a_restart_under_load_where_every_client_converges(clients: Any, uid: st
                     client.send({"action": "subscribe", "body": {"entity": "shared", "id": key, "v": v}})
                 back.append((client, mine))
             second.set("shared", keys[1], "changed after")  # and the load goes on
-            for client, mine in back:
+            def converges(client: Any, mine: dict[str, str]) -> None:
                 want = {key: None for key in mine}
                 if keys[0] in mine:
                     want[keys[0]] = "changed while restarting"
@@ -124,6 +124,9 @@ def test_a_restart_under_load_where_every_client_converges(clients: Any, uid: st
                 # Nothing else changed: the versions held spared every other push.
                 client.assert_settles(lambda f: f.get("action") == "push" and f["key"]["id"] in keys[:2],
                                       within=0.5)
+
+            with ThreadPoolExecutor(len(back)) as pool:  # each client read by one thread; all settle together
+                list(pool.map(lambda pair: converges(*pair), back))
             fetches = sum(second.get(f"/_t/fetches/shared/{key}")["count"] for key in keys) - fetched_before
             assert fetches <= 12, fetches  # one per key, plus the notification's refetch
         finally:

@@ -50,7 +50,7 @@ def _check(data: str | bytes) -> None:
         assert EntityKey(msg.key.entity, msg.key.id) == msg.key  # a valid key
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(frames)
 def test_any_json_frame_decodes_or_raises_a_protocol_error(frame: dict[str, Any]) -> None:
     _check(json.dumps(frame))
@@ -62,14 +62,14 @@ def test_any_text_or_bytes_decodes_or_raises_a_protocol_error(data: str | bytes)
     _check(data)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.text(min_size=1, max_size=80).filter(str.isprintable))
 def test_any_valid_id_is_encoded_in_a_key_exactly_as_the_json_encoder_would(id: str) -> None:
     text = p.encode_key(EntityKey("items", id))
     assert text == json.dumps({"entity": "items", "id": id}, ensure_ascii=False, separators=(",", ":"))
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.text(min_size=1, max_size=40).filter(str.isprintable),
        st.none() | st.floats(allow_nan=False, allow_infinity=False), st.binary(max_size=24))
 def test_a_key_channel_body_is_read_as_the_json_parse_reads_it(id: str, sent: float | None, tail: bytes) -> None:
