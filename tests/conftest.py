@@ -19,7 +19,7 @@ from tests.support.brokers import BROKERS, PgBroker, PgSchema, make_broker
 from tests.support.clients import Client
 from tests.support.nsqd import Nsqd, describe_backend
 from tests.support.redis_cluster import RedisClusterNodes
-from tests.support.servers import SERVER_KINDS, Server, ServerPool
+from tests.support.servers import SERVER_KINDS, Server, ServerPool, stop_all
 from tests.support.waiting import wait_for
 
 
@@ -115,8 +115,7 @@ def cluster(uid: str) -> Iterator[Callable[..., Server]]:
         return server
 
     yield start
-    for server in started:
-        server.stop()
+    stop_all(started, quick=True)
 
 
 @pytest.fixture(scope="session")
@@ -169,5 +168,4 @@ def pg_cluster(pg_schema: PgSchema) -> Iterator[dict[str, Server]]:
                      message="the bus subscriptions")
         yield servers
     finally:
-        for server in servers.values():
-            server.stop()
+        stop_all(servers.values(), quick=True)

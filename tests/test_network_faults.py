@@ -47,7 +47,7 @@ from tests.support.clients import Client
 from tests.support.netns import Host, NetnsUnavailable, Network, clean_leftovers
 from tests.support.nsqd import Nsqd
 from tests.support.pushes import converge, seed
-from tests.support.servers import Server
+from tests.support.servers import Server, stop_all
 from tests.support.waiting import wait_for
 
 #: Seconds after healing by which every client must hold the latest values.
@@ -99,8 +99,7 @@ class Site:
         self.a, self.b = self.servers
 
     def close(self) -> None:
-        for server in self.servers:
-            server.stop()
+        stop_all(self.servers, quick=True)
         if self.nsqd is not None:
             self.nsqd.close()
         if self.data is not None:

@@ -29,7 +29,7 @@ from tests.support.brokers import PgBroker, PgSchema, make_broker
 from tests.support.clients import Client
 from tests.support.ports import free_port
 from tests.support.pushes import seed, subscribed, until_pushed
-from tests.support.servers import ROOT, Server
+from tests.support.servers import ROOT, Server, stop_all
 from tests.support.tcpproxy import TcpProxy
 from tests.support.waiting import wait_for
 
@@ -455,8 +455,7 @@ def test_es_watch_notifies_inside_the_transaction(pg: PgBroker, orm_schema: str)
         client.expect_push("items", "1", lambda body: body["name"] == "survived")
         client.close()
     finally:
-        for server in started:
-            server.stop()
+        stop_all(started)
 
 
 def test_a_password_in_the_url_never_shows(pg: PgBroker) -> None:

@@ -19,7 +19,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from tests.support.waiting import wait_for
 
@@ -139,9 +139,24 @@ class Server:
     def stats(self) -> dict[str, int]:
         return self.get("/_t/stats")  # type: ignore[no-any-return]
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
+    def _signal(self, quick: bool) -> None:
+        """Tell the server to stop (see :meth:`stop`)."""
+        if not quick:
             self.proc.terminate()
+            return
+        for pid in _descendants(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # gone meanwhile
+                pass
+        self.proc.kill()
+
+    def stop(self, quick: bool = False) -> None:
+        """Stop the server: gracefully (``SIGTERM``), or ``quick``, killing it and its worker, for
+        a server whose test is over: gunicorn's graceful stop waits on its one-second tick and
+        then on its graceful timeout, and the graceful paths have tests of their own."""
+        if self.proc.poll() is None:
+            self._signal(quick)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:  # pragma: no cover
@@ -164,12 +179,18 @@ class ServerPool:
         return server
 
     def close(self) -> None:
-        """Stop every server: all are told at once, as each may take its graceful timeout."""
-        for server in self.servers.values():
-            if server.proc.poll() is None:
-                server.proc.terminate()
-        for server in self.servers.values():
-            server.stop()
+        """Stop every server, at the end of the session."""
+        stop_all(self.servers.values(), quick=True)
+
+
+def stop_all(servers: Iterable[Server], quick: bool = False) -> None:
+    """Stop ``servers`` (see :meth:`Server.stop`): all are told at once, as each may take a while."""
+    servers = list(servers)
+    for server in servers:
+        if server.proc.poll() is None:
+            server._signal(quick)
+    for server in servers:
+        server.stop(quick)
 
 
 def _descendants(pid: int) -> list[int]:
