@@ -8,7 +8,8 @@ Three kinds of payload cross the wire:
 * server frames (server to browser), built by the ``encode_*`` functions;
 * bus bodies (server to server), ``{"entity":"items","id":"100"}``, the same
   bytes the Go entity-sync publishes, built by :func:`encode_bus_body` and
-  read by :func:`decode_bus_body`, optionally with ``"t"``, the notify time
+  read by :func:`decode_bus_body` (or, on a channel of one key, by
+  :func:`decode_key_body`, which gives the same), optionally with ``"t"``, the notify time
   (Unix seconds) of a :class:`~entitysync_sync.keys.NotifiedKey`, an extra
   field that Go and older servers ignore; and ``{"entity":"items","resync":true}``,
   built by :func:`encode_bus_resync`, which asks every server to refresh all
