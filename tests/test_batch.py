@@ -37,7 +37,7 @@ def test_one_call_per_chunk_of_distinct_secrets_and_each_gets_its_own_row(
 
 
 def test_a_subscribe_fetches_with_a_batch_of_one(server: Server, clients: Any, uid: str) -> None:
-    server.post(f"/_t/set-quietly/batchwho/{uid}", {"value": 1})
+    server.set_quietly("batchwho", uid, 1)
     client = clients(server.ws_url, token="ann")
     client.subscribe("batchwho", uid)
     assert client.expect_push("batchwho", uid) == {"id": uid, "secret": "ann", "value": 1}
@@ -63,7 +63,7 @@ def test_a_batch_that_fails_or_miscounts_fails_for_everyone_in_it_logged_once_an
             assert "returned 2 results for 3 secrets" in log or "returned 1 results for 2 secrets" in log
         assert "secret-token" not in log
         # Fixed without a notification: the retries find it.
-        server.post(f"/_t/set-quietly/batchwho/{uid}", {"value": "ok"})
+        server.set_quietly("batchwho", uid, "ok")
         for client, token in zip(subs, tokens, strict=True):
             assert client.expect_push("batchwho", uid, timeout=15) == {"id": uid, "secret": token, "value": "ok"}
     finally:

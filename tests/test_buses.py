@@ -171,7 +171,7 @@ def test_two_gunicorn_workers_share_notifications_through_redis(cluster: Callabl
                                                                 uid: str) -> None:
     broker = make_broker("redis")
     server = cluster("gunicorn", broker, extra_args=("-w", "2"))
-    server.post(f"/_t/set-quietly/where/{uid}", {"value": "v0"})
+    server.set_quietly("where", uid, "v0")
     by_pid: dict[int, Client] = {}
     opened = []
     try:

@@ -84,7 +84,7 @@ def test_a_restart_under_load_where_every_client_converges(clients: Any, uid: st
     keys = [f"{uid}-{n}" for n in range(10)]
     try:
         for n, key in enumerate(keys):
-            first.post(f"/_t/set-quietly/shared/{key}", {"value": n})
+            first.set_quietly("shared", key, n)
         held: list[tuple[int, dict[str, str]]] = []
         subs = []
         for i in range(40):
@@ -97,7 +97,7 @@ def test_a_restart_under_load_where_every_client_converges(clients: Any, uid: st
                 mine[frame["key"]["id"]] = frame["v"]
             held.append((i, mine))
             subs.append(client)
-        first.post(f"/_t/set-quietly/shared/{keys[0]}", {"value": "changed while restarting"})
+        first.set_quietly("shared", keys[0], "changed while restarting")
         first.proc.send_signal(signal.SIGTERM)
         with ThreadPoolExecutor(8) as pool:
             assert set(pool.map(lambda c: c.close_code(timeout=20), subs)) == {1012}

@@ -162,7 +162,7 @@ def test_after_the_database_comes_back_failed_fetches_are_retried_until_clients_
     client.expect(lambda f: f["action"] == "error" and f["error"]["code"] == "fetch_failed")
     wait_for(lambda: server.get(f"/_t/fetches/boom/{uid}")["count"] >= 3, message="a few retries")
     # The database is back; nothing notifies, the retry alone brings the row.
-    server.post(f"/_t/set-quietly/boom/{uid}", {"value": "ok"})
+    server.set_quietly("boom", uid, "ok")
     frame = client.expect(lambda f: f["action"] != "ack", timeout=15)
     assert frame["action"] == "push" and frame["body"] == {"id": uid, "value": "ok"}  # one error frame only
     count = server.get(f"/_t/fetches/boom/{uid}")["count"]
@@ -171,7 +171,7 @@ def test_after_the_database_comes_back_failed_fetches_are_retried_until_clients_
 
 
 def test_failed_shared_fetches_are_retried_too(server: Server, clients: Callable[..., Client], uid: str) -> None:
-    server.post(f"/_t/set-quietly/sharedboom/{uid}", {"value": "ok"})
+    server.set_quietly("sharedboom", uid, "ok")
     first, second = clients(server.ws_url), clients(server.ws_url)
     for client in (first, second):
         client.subscribe("sharedboom", uid)
@@ -179,7 +179,7 @@ def test_failed_shared_fetches_are_retried_too(server: Server, clients: Callable
     server.set("sharedboom", uid, "broken")  # a notify whose one shared fetch fails
     for client in (first, second):
         client.expect(lambda f: f["action"] == "error" and f["error"]["code"] == "fetch_failed")
-    server.post(f"/_t/set-quietly/sharedboom/{uid}", {"value": "ok"})  # the database is back; no notify
+    server.set_quietly("sharedboom", uid, "ok")  # the database is back; no notify
     for client in (first, second):
         frame = client.expect(lambda f: f["action"] != "ack", timeout=15)
         assert frame["action"] == "push" and frame["body"] == {"id": uid, "value": "ok"}

@@ -27,7 +27,7 @@ def members(rows: list[dict[str, Any]]) -> list[Any]:
 
 
 def quietly(server: Server, entity: str, id: str, value: Any) -> None:
-    server.post(f"/_t/set-quietly/{entity}/{id}", {"value": value})
+    server.set_quietly(entity, id, value)
 
 
 def test_a_list_is_one_frame_holding_the_whole_set(server: Server, clients, uid: str) -> None:

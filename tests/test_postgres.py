@@ -324,7 +324,7 @@ def test_a_notify_from_a_view_reaches_every_server(pg_cluster: dict[str, Server]
     clients = [subscribed(Client(s.ws_url), s, "items", uid, "v0") for s in pg_cluster.values()]
     try:
         for name, server in pg_cluster.items():
-            server.post(f"/_t/set-quietly/items/{uid}", {"value": f"via {name}"})  # the trigger notifies
+            server.set_quietly("items", uid, f"via {name}")  # the trigger notifies
             for client in clients:
                 until_pushed(client, "items", uid, f"via {name}")
         published = pg_cluster["gunicorn-b"].stats()["bus"].get("sent", 0)
@@ -405,7 +405,7 @@ def test_beside_redis_the_listen_url_brings_trigger_notifications_to_every_serve
         for server in (a, b):
             stats = server.stats()
             assert stats["pg_listen"]["received"] >= 1
-        a.post(f"/_t/set-quietly/items/{uid}", {"value": "quiet"})
+        a.set_quietly("items", uid, "quiet")
         a.post(f"/_t/burst/items/{uid}?n=1")  # through Redis as ever
         for client in clients:
             until_pushed(client, "items", uid, 0)

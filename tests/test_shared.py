@@ -47,7 +47,7 @@ def test_one_fetch_per_notification_whatever_the_subscriber_count(
 def test_every_subscriber_gets_the_same_bytes_fetched_without_a_secret(
     server: Server, clients: Any, uid: str
 ) -> None:
-    server.post(f"/_t/set-quietly/shared/{uid}", {"value": "v0"})
+    server.set_quietly("shared", uid, "v0")
     subs = _subscribers(server, clients, "shared", uid, 5)
     for client in subs:  # push on subscribe: fetched for that subscriber alone, still without its secret
         assert client.expect_push("shared", uid)["secret"] is None
@@ -72,7 +72,7 @@ def test_a_stalled_subscriber_does_not_delay_the_others(
 ) -> None:
     server = servers.get(kind, ENTITYSYNC_SEND_TIMEOUT=1, ENTITYSYNC_OUTBOX_LIMIT=2000)
     big_id = f"{BIG}-{uid}"
-    server.post(f"/_t/set-quietly/sharedbig/{big_id}", {"value": -1})
+    server.set_quietly("sharedbig", big_id, -1)
     healthy = _subscribers(server, clients, "sharedbig", big_id, 3)
     for client in healthy:
         client.expect_push("sharedbig", big_id, lambda rows: rows[0].get("value") == -1)
@@ -97,7 +97,7 @@ def test_raw_mode_sends_the_same_row_bytes_to_everyone(
     servers: ServerPool, clients: Any, kind: str, uid: str
 ) -> None:
     server = servers.get(kind, ENTITYSYNC_ENVELOPE=False)
-    server.post(f"/_t/set-quietly/shared/{uid}", {"value": "first"})
+    server.set_quietly("shared", uid, "first")
     subs = _subscribers(server, clients, "shared", uid, 3)
     assert [json.loads(text)["value"] for text in _texts(subs)] == ["first"] * 3
     server.set("shared", uid, "second")
@@ -116,7 +116,7 @@ def test_compressing_and_plain_subscribers_both_get_the_push(
     servers: ServerPool, clients: Any, uid: str
 ) -> None:
     server = servers.get("gunicorn", ENTITYSYNC_COMPRESSION=True)
-    server.post(f"/_t/set-quietly/shared/{uid}", {"value": "a"})
+    server.set_quietly("shared", uid, "a")
     plain = clients(server.ws_url)  # websocket-client offers no compression
     plain.subscribe("shared", uid)
     plain.expect_push("shared", uid)
@@ -136,7 +136,7 @@ def test_compressing_and_plain_subscribers_both_get_the_push(
 def test_shared_notifications_coalesce_and_the_last_push_is_current(
     server: Server, clients: Any, uid: str
 ) -> None:
-    server.post(f"/_t/set-quietly/sharedslow/{uid}", {"value": "start"})
+    server.set_quietly("sharedslow", uid, "start")
     subs = _subscribers(server, clients, "sharedslow", uid, 3)
     for client in subs:
         client.expect_push("sharedslow", uid, lambda b: b["value"] == "start")
@@ -152,7 +152,7 @@ def test_shared_notifications_coalesce_and_the_last_push_is_current(
 
 
 def test_authorize_still_gates_shared_entities(server: Server, clients: Any, uid: str) -> None:
-    server.post(f"/_t/set-quietly/board/{uid}", {"value": 1})
+    server.set_quietly("board", uid, 1)
     anonymous = clients(server.ws_url)
     anonymous.subscribe("board", uid, ref="a")
     assert anonymous.expect(lambda f: f["action"] == "error")["error"]["code"] == "forbidden"

@@ -23,7 +23,7 @@ def subscribed(server: Server, clients: Any, entity: str, uid: str, value: Any) 
 def test_a_subscribe_to_a_cached_key_costs_no_fetch_until_a_change(
     server: Server, clients: Any, uid: str
 ) -> None:
-    server.post(f"/_t/set-quietly/shared/{uid}", {"value": 1})
+    server.set_quietly("shared", uid, 1)
     first = subscribed(server, clients, "shared", uid, 1)
     assert fetches(server, "shared", uid) == 1
     hits = server.get("/_t/es-stats")["shared_cache_hits"]
@@ -42,23 +42,23 @@ def test_a_subscribe_to_a_cached_key_costs_no_fetch_until_a_change(
 def test_the_cache_goes_with_the_last_subscriber_and_on_an_entity_wide_refresh(
     server: Server, clients: Any, uid: str
 ) -> None:
-    server.post(f"/_t/set-quietly/shared/{uid}", {"value": "a"})
+    server.set_quietly("shared", uid, "a")
     a = subscribed(server, clients, "shared", uid, "a")
     b = subscribed(server, clients, "shared", uid, "a")
     a.unsubscribe("shared", uid)
     b.close()
     wait_for(lambda: server.get("/_t/es-stats")["subscriptions"] == 0 or None, message="no subscriber left")
     # Changed without a notification: only a cache that outlived its subscribers could serve "a" now.
-    server.post(f"/_t/set-quietly/shared/{uid}", {"value": "b"})
+    server.set_quietly("shared", uid, "b")
     c = subscribed(server, clients, "shared", uid, "b")
-    server.post(f"/_t/set-quietly/shared/{uid}", {"value": "c"})
+    server.set_quietly("shared", uid, "c")
     server.post("/_t/notify-entity/shared")  # e.g. after a data migration
     assert c.expect_push("shared", uid)["value"] == "c"
     subscribed(server, clients, "shared", uid, "c")
 
 
 def test_concurrent_subscribes_share_one_fetch(server: Server, clients: Any, uid: str) -> None:
-    server.post(f"/_t/set-quietly/sharedslow/{uid}", {"value": 0})
+    server.set_quietly("sharedslow", uid, 0)
     subs = [clients(server.ws_url) for _ in range(20)]
     for client in subs:  # all within the first subscriber's 0.3 s fetch, or after it from the cache
         client.subscribe("sharedslow", uid)
@@ -78,7 +78,7 @@ def test_the_cache_is_bounded(servers: ServerPool, clients: Any, kind: str, uid:
     server = servers.get(kind, ENTITYSYNC_SHARED_CACHE_SIZE=300)
     ids = [f"{uid}-{n}" for n in range(5)]  # each push is about 100 characters
     for id in ids:
-        server.post(f"/_t/set-quietly/shared/{id}", {"value": id})
+        server.set_quietly("shared", id, id)
         subscribed(server, clients, "shared", id, id)
     stats = server.get("/_t/es-stats")
     assert 0 < stats["shared_cache_size"] <= 300 and stats["shared_cache_keys"] < 5
@@ -89,7 +89,7 @@ def test_the_cache_is_bounded(servers: ServerPool, clients: Any, kind: str, uid:
 
 def test_a_cache_of_size_0_is_off(servers: ServerPool, clients: Any, kind: str, uid: str) -> None:
     server = servers.get(kind, ENTITYSYNC_SHARED_CACHE_SIZE=0)
-    server.post(f"/_t/set-quietly/shared/{uid}", {"value": 1})
+    server.set_quietly("shared", uid, 1)
     subscribed(server, clients, "shared", uid, 1)
     subscribed(server, clients, "shared", uid, 1)
     assert fetches(server, "shared", uid) == 2

@@ -31,7 +31,7 @@ def frame_of(client: Client, entity: str, id: str) -> dict[str, Any]:
 def test_the_version_held_spares_the_push_and_a_change_still_arrives(
     server: Server, clients: Any, uid: str, entity: str
 ) -> None:
-    server.post(f"/_t/set-quietly/{entity}/{uid}", {"value": ["a"]})
+    server.set_quietly(entity, uid, ["a"])
     first = clients(server.ws_url, token="ann")
     subscribe(first, entity, uid)
     v1 = frame_of(first, entity, uid)["v"]
@@ -48,7 +48,7 @@ def test_the_version_held_spares_the_push_and_a_change_still_arrives(
 def test_a_client_holding_a_stale_version_gets_the_change_made_while_it_was_away(
     server: Server, clients: Any, uid: str
 ) -> None:
-    server.post(f"/_t/set-quietly/items/{uid}", {"value": "before"})
+    server.set_quietly("items", uid, "before")
     client = clients(server.ws_url)
     subscribe(client, "items", uid)
     held = frame_of(client, "items", uid)
@@ -78,7 +78,7 @@ def test_the_version_is_the_same_on_every_server_and_per_user(
     one, other = servers.get(kind), servers.get(kind, ENTITYSYNC_RATE_BURST=1999)
     versions = {}
     for server in (one, other):
-        server.post(f"/_t/set-quietly/whoami/{uid}", {"value": 1})
+        server.set_quietly("whoami", uid, 1)
         for token in ("ann", "bob"):
             client = clients(server.ws_url, token=token)
             subscribe(client, "whoami", uid)
@@ -99,14 +99,14 @@ def test_a_version_that_is_not_a_short_string_is_refused(server: Server, clients
     error = client.recv()
     assert error["action"] == "error" and error["ref"] == "bad"
     assert error["error"]["code"] == "bad_message" and '"v"' in error["error"]["message"]
-    server.post(f"/_t/set-quietly/items/{uid}", {"value": 1})
+    server.set_quietly("items", uid, 1)
     subscribe(client, "items", uid)  # the connection still works
     assert frame_of(client, "items", uid)["body"] == {"id": uid, "value": 1}
 
 
 def test_raw_mode_frames_carry_no_version(servers: ServerPool, clients: Any, kind: str, uid: str) -> None:
     server = servers.get(kind, ENTITYSYNC_ENVELOPE=False)
-    server.post(f"/_t/set-quietly/items/{uid}", {"value": 1})
+    server.set_quietly("items", uid, 1)
     client = clients(server.ws_url)
     subscribe(client, "items", uid, v=result_version('{"id":"x"}'))
     assert client.recv() == {"id": uid, "value": 1}

@@ -82,8 +82,8 @@ def test_the_default_url_is_the_path_the_script_came_from(page: Any, server: Ser
 def test_a_set_goes_whole_to_onRows_and_row_by_row_to_onPush_without_it(page: Any, server: Server,
                                                                         uid: str) -> None:
     start(page)
-    server.post(f"/_t/set-quietly/lists/{uid}", {"value": ["a", "b"]})
-    server.post(f"/_t/set-quietly/lists/{uid}-p", {"value": ["c", "d"]})
+    server.set_quietly("lists", uid, ["a", "b"])
+    server.set_quietly("lists", f"{uid}-p", ["c", "d"])
     page.execute_script("""
         es.subscribe("lists", arguments[0], {onRows: (rows) => log.push({rows: rows.map((r) => r.member)})});
         sub("lists", arguments[0] + "-p");""", uid)

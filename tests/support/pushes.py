@@ -10,7 +10,7 @@ from tests.support.servers import Server
 
 def seed(server: Server, id: str, value: Any) -> None:
     """Write a row without notifying, so no stray push follows a test's first one."""
-    server.post(f"/_t/set-quietly/items/{id}", {"value": value})
+    server.set_quietly("items", id, value)
 
 
 def until_pushed(client: Client, entity: str, id: str, value: Any, timeout: float = 15.0) -> None:
